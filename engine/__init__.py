@@ -1,0 +1,1 @@
+"""plansim's planning side: IR, workloads, cost model, planners, loop and CLI."""

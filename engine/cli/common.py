@@ -1,0 +1,45 @@
+"""Output helpers shared by the commands: JSON for machines, aligned tables for people."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Sequence
+
+import click
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON object (sorted keys, so output is byte-identical run to run)."""
+    click.echo(json.dumps(obj, indent=1, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain aligned text table."""
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _fmt(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:,.3f}" if abs(c) < 100 else f"{c:,.1f}"
+    if isinstance(c, int) and not isinstance(c, bool):
+        return f"{c:,}"
+    return str(c)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,81 @@
+"""``plansim plan``: plan a scenario and print (or write) the plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.cli.common import emit_json, human_bytes, table
+from engine.errors import write_atomic
+from engine.ir import Plan, bubble_us, compute_busy_us
+from engine.planners import plan_scenario
+from engine.scenario import load_scenario
+
+
+def plan_summary(plan: Plan, scenario, plan_path: str | None) -> dict:
+    """The figures ``plansim plan --json`` prints (times in us, memory in bytes)."""
+    from engine.validate import peak_memory
+
+    wl = scenario.workload
+    makespan = float(plan.makespan_us)
+    bubble = bubble_us(plan, wl)
+    out = {
+        "scenario": scenario.name,
+        "planner": plan.planner,
+        "status": plan.status,
+        "makespan_us": makespan,
+        "bubble_us": bubble,
+        "bubble_ratio": bubble / makespan if makespan > 0 else 0.0,
+        "n_ops": len(wl),
+        "busy_us": {str(d): v for d, v in sorted(compute_busy_us(plan, wl).items())},
+        "peak_memory_bytes": {str(d): v for d, v in sorted(peak_memory(plan, wl).items())},
+        "lower_bound_us": plan.lower_bound_us,
+        "mip_gap": plan.mip_gap,
+        "solve_s": plan.solve_s,
+        "plan_path": plan_path,
+    }
+    for key in ("solver", "n_ops_after_merge", "n_binaries"):
+        if key in plan.meta:
+            out[key] = plan.meta[key]
+    return out
+
+
+def print_summary(summary: dict) -> None:
+    click.echo(f"{summary['scenario']}: planner {summary['planner']} ({summary['status']}), {summary['n_ops']} ops")
+    click.echo(f"makespan {summary['makespan_us']:,.1f} us   bubble {summary['bubble_us']:,.1f} us "
+               f"({100 * summary['bubble_ratio']:.1f}%)   solve {summary['solve_s']:.2f} s")
+    if summary.get("lower_bound_us") is not None:
+        gap = summary.get("mip_gap")
+        click.echo(f"lower bound {summary['lower_bound_us']:,.1f} us" + (f"   gap {100 * gap:.2f}%" if gap is not None else ""))
+    rows = [(f"GPU {d}", summary["busy_us"].get(d, 0.0), human_bytes(summary["peak_memory_bytes"].get(d, 0)))
+            for d in sorted(summary["busy_us"], key=int)]
+    click.echo(table(["device", "busy us", "peak memory"], rows))
+    if summary.get("plan_path"):
+        click.echo(f"plan written to {summary['plan_path']}")
+
+
+@click.command("plan")
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan JSON here.")
+@click.option("--planner", help="heuristic, mip or schedule:<name> (default: the scenario's solver.planner).")
+@click.option("--solver", "solver_name", help="MIP solver name (highs, gurobi, cplex, scip, cbc).")
+@click.option("--time-limit", "time_limit_s", type=float, help="MIP time limit in seconds.")
+@click.option("--gap", type=float, help="MIP relative gap at which to stop.")
+@click.option("--merge", help="Coarsening before the MIP: auto, none or a target op count.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_cmd(scenario, output, planner, solver_name, time_limit_s, gap, merge, as_json):
+    """Plan SCENARIO and print makespan, bubble, busy time and peak memory per GPU."""
+    sc = load_scenario(scenario)
+    plan = plan_scenario(sc, planner, name=solver_name, time_limit_s=time_limit_s, gap=gap, merge=merge,
+                         progress=None if as_json else "stderr")
+    if output is not None:
+        write_atomic(output, plan.to_json())
+    summary = plan_summary(plan, sc, str(output) if output is not None else None)
+    if as_json:
+        emit_json(summary)
+    else:
+        print_summary(summary)
+
+
+commands = [plan_cmd]

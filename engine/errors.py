@@ -1,0 +1,46 @@
+"""Errors a user can fix, and atomic file output.
+
+Every mistake in user input becomes one :class:`InputError` naming the file, the field and
+the reason. The CLI prints ``str(err)`` on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad user input: ``<file>: <field>: <reason>``."""
+
+    def __init__(self, source: str | os.PathLike | None, field: str | None, reason: str):
+        self.source = str(source) if source is not None else None
+        self.field = field
+        self.reason = reason
+        parts = [p for p in (self.source, field) if p]
+        super().__init__(": ".join(parts + [reason]))
+
+
+class InfeasibleError(InputError):
+    """The instance has no feasible plan (e.g. a memory cap nothing fits under)."""
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    A reader never sees a half-written file and a failed write leaves no file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

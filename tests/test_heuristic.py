@@ -1,0 +1,259 @@
+"""The list-scheduling planner: valid plans on random DAGs, never below the lower bounds,
+memory caps honoured (pipelines included), infeasible caps reported, deterministic."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from engine.commtable import DelayTable
+from engine.cost import CommModel
+from engine.errors import InfeasibleError
+from engine.ir import Collective, Edge, Op, Workload
+from engine.heuristic import plan_heuristic
+from engine.validate import compact, lower_bounds, peak_memory, validate_plan
+from engine.workloads import build_pipeline
+
+try:
+    from fakes import FakeCluster, PacketCluster
+except ImportError:  # tests run as a package
+    from tests.fakes import FakeCluster, PacketCluster
+
+UNIT = {"F": 1000.0, "B": 1000.0, "W": 1000.0}
+
+
+def plan_and_check(wl, cluster, comm=None, cap=None):
+    """Plan, then assert the plan is valid and respects the lower bounds; returns the plan."""
+    comm = comm or CommModel(cluster)
+    plan = plan_heuristic(wl, cluster, comm, memory_cap=cap)
+    assert validate_plan(plan, wl, cluster, comm, cap) == []
+    assert (plan.planner, plan.status) == ("heuristic", "heuristic")
+    lb = lower_bounds(wl, cluster)
+    tol = 1e-6 * max(1.0, lb["lower_bound_us"])
+    assert plan.makespan_us >= lb["critical_path_us"] - tol
+    assert plan.makespan_us >= lb["load_us"] - tol
+    assert plan.makespan_us == max(p.end for p in plan.placements.values())
+    crossing = {(u, v) for u, v, b in wl.graph.edges(data="bytes")
+                if b > 0 and plan.placements[u].device != plan.placements[v].device}
+    assert {(t.src, t.dst) for t in plan.transfers} == crossing
+    return plan
+
+
+@st.composite
+def random_dags(draw, memory="none"):
+    """Layered or branchy DAGs of up to 24 ops with flexible placement subsets, comm ops,
+    a collective now and then, edge bytes and (``memory`` = "own" / "release") allocations."""
+    n_gpus = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 24))
+    shape = draw(st.sampled_from(["layered", "branchy"]))
+    layer = sorted(draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))) if shape == "layered" else list(range(n))
+    edges = {}
+    for v in range(1, n):
+        earlier = [u for u in range(v) if layer[u] < layer[v]]
+        if shape == "layered":
+            earlier = [u for u in earlier if layer[u] == layer[v] - 1] or earlier
+        if earlier:
+            for u in draw(st.lists(st.sampled_from(earlier), max_size=3, unique=True)):
+                edges[(u, v)] = draw(st.sampled_from([0, 0, 400, 4000, 100_000]))
+    ops = []
+    for i in range(n):
+        dur = float(draw(st.integers(0, 60)))
+        kind = draw(st.sampled_from(["compute"] * 4 + ["comm"]))
+        coll = None
+        devices = draw(st.one_of(st.none(), st.sets(st.integers(0, n_gpus - 1), min_size=1).map(tuple)))
+        if kind == "comm" and n_gpus > 1 and draw(st.booleans()):
+            group = tuple(draw(st.permutations(range(n_gpus)))[:draw(st.integers(2, n_gpus))])
+            coll, devices = Collective("all_reduce", group, 1 << 20), None
+        mem, release = 0, ()
+        if memory != "none" and draw(st.booleans()):
+            mem = draw(st.sampled_from([10, 30, 60]))
+            consumers = [f"o{v}" for (u, v) in edges if u == i]
+            if memory == "release" and consumers:
+                release = tuple(draw(st.lists(st.sampled_from(consumers), min_size=1, unique=True)))
+        ops.append(Op(f"o{i}", dur, kind=kind, devices=devices, memory_bytes=mem, release=release, collective=coll))
+    static = {d: draw(st.sampled_from([0, 5])) for d in range(n_gpus)} if memory != "none" else {}
+    wl = Workload("random", ops, [Edge(f"o{u}", f"o{v}", b) for (u, v), b in sorted(edges.items())], static)
+    gpus_per_node = draw(st.sampled_from([1, 2, 4]))
+    return wl, FakeCluster(n_gpus, gpus_per_node=gpus_per_node)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_dags())
+def test_random_dags_get_valid_plans_above_the_bounds(case):
+    wl, cluster = case
+    plan = plan_and_check(wl, cluster)
+    comm = CommModel(cluster)
+    tight = compact(plan, wl, comm)
+    assert validate_plan(tight, wl, cluster, comm) == []
+    assert tight.makespan_us <= plan.makespan_us + 1e-6 * max(1.0, plan.makespan_us)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_dags(memory="own"), st.integers(0, 40))
+def test_memory_freed_at_own_end_always_fits_the_largest_op(case, slack):
+    """With every allocation freed at its op's end, any cap that holds static + the largest
+    allocation is feasible, and the planner must find a plan under it."""
+    wl, cluster = case
+    need = max(wl.static_memory_bytes.values(), default=0) + max((op.memory_bytes for op in wl.ops.values()), default=0)
+    cap = need + slack
+    plan = plan_and_check(wl, cluster, cap=cap)
+    assert max(peak_memory(plan, wl).values(), default=0) <= cap
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_dags(memory="release"), st.integers(0, 150))
+def test_memory_released_by_consumers_is_valid_or_infeasible(case, slack):
+    wl, cluster = case
+    cap = max(wl.static_memory_bytes.values(), default=0) + slack
+    try:
+        plan = plan_and_check(wl, cluster, cap=cap)
+    except InfeasibleError as err:
+        assert "no memory for" in str(err) and "bytes over" in str(err)
+        return
+    assert max(peak_memory(plan, wl).values(), default=0) <= cap
+
+
+def test_insertion_fills_an_idle_gap():
+    # y waits for x (other GPU); z, ready at 0 but of low rank, is placed last and fills y's gap.
+    wl = Workload("gap", [Op("x", 10.0, devices=(1,)), Op("y", 10.0, devices=(0,)), Op("z", 5.0, devices=(0,))],
+                  [Edge("x", "y", 0)])
+    plan = plan_and_check(wl, FakeCluster(2))
+    assert [plan.placements[o].start for o in ("x", "y", "z")] == [0.0, 10.0, 0.0]
+    assert plan.makespan_us == 20.0
+
+
+def test_easy_cases_are_optimal():
+    cluster = FakeCluster(4)
+    independent = Workload("bag", [Op(f"o{i}", 10.0) for i in range(8)], [])
+    assert plan_and_check(independent, cluster).makespan_us == 20.0
+    chain = Workload("chain", [Op(f"o{i}", 10.0) for i in range(5)],
+                     [Edge(f"o{i}", f"o{i + 1}", 1_000_000) for i in range(4)])
+    plan = plan_and_check(chain, cluster)
+    assert plan.makespan_us == 50.0 and plan.transfers == []  # big tensors keep the chain on one GPU
+
+
+def test_pipeline_p4_m8_beats_or_matches_1f1b():
+    wl = build_pipeline(4, 8, times_us=UNIT)
+    plan = plan_and_check(wl, FakeCluster(4))
+    # 1F1B: m(F+B+W) + (p-1)(F+B) = 24000 + 6000; the bound is m(F+B+W) = 24000
+    assert 24000.0 <= plan.makespan_us <= 30000.0
+    assert plan.meta["memory_checked"] is False
+
+
+@pytest.mark.parametrize("cap_acts", [1, 2, 3, 4])
+def test_pipeline_honours_a_cap_of_k_activations(cap_acts):
+    act = 1 << 20
+    wl = build_pipeline(4, 8, times_us=UNIT, activation_bytes=act, send_bytes=4096)
+    cluster = FakeCluster(4)
+    plan = plan_and_check(wl, cluster, cap=cap_acts * act)
+    assert plan.meta["memory_checked"] is True
+    peaks = peak_memory(plan, wl)
+    assert max(peaks.values()) <= cap_acts * act
+    assert peaks[0] == cap_acts * act  # stage 0 runs as many micro-batches ahead as it may
+    # one activation: every stage finishes a micro-batch (F, B, W) before starting the next
+    if cap_acts == 1:
+        assert plan.makespan_us >= 8 * (4 * 1000 + 4 * 1000 + 1000)
+
+
+def test_pipeline_cap_with_workload_field_and_static_memory():
+    act = 1000
+    wl = build_pipeline(4, 8, times_us=UNIT, activation_bytes=act)
+    wl.memory_cap_bytes = 2 * act + 500
+    wl.static_memory_bytes = {d: 500 for d in range(4)}
+    plan = plan_and_check(wl, FakeCluster(4))
+    assert max(peak_memory(plan, wl).values()) == 2 * act + 500
+
+
+def test_bidirectional_and_interleaved_pipelines_under_caps():
+    act = 100
+    cluster = FakeCluster(4)
+    dual = build_pipeline(4, 8, directions=2, times_us=UNIT, activation_bytes=act, send_bytes=1000)
+    for k in (1, 2, 5):
+        plan = plan_and_check(dual, cluster, cap=k * act)
+        assert max(peak_memory(plan, dual).values()) <= k * act
+    # stages 0 and 2 share GPU 0: freeing stage 0's activation needs stage 2's on the same GPU
+    inter = build_pipeline(4, 8, times_us=UNIT, activation_bytes=act, stage_devices=[0, 1, 0, 1])
+    for k in (2, 3):
+        plan = plan_and_check(inter, cluster, cap=k * act)
+        assert max(peak_memory(plan, inter).values()) <= k * act
+
+
+def test_impossible_caps_raise():
+    wl = build_pipeline(4, 8, times_us=UNIT, activation_bytes=100)
+    with pytest.raises(InfeasibleError, match=r"F0\.s0.*GPU 0.*1 bytes over"):
+        plan_heuristic(wl, FakeCluster(4), CommModel(FakeCluster(4)), memory_cap=99)
+    # interleaved stages need two activations on one GPU before the first can be freed
+    inter = build_pipeline(4, 8, times_us=UNIT, activation_bytes=100, stage_devices=[0, 1, 0, 1])
+    with pytest.raises(InfeasibleError, match="no memory for F0.s2"):
+        plan_heuristic(inter, FakeCluster(4), CommModel(FakeCluster(4)), memory_cap=100)
+    wl.static_memory_bytes = {1: 1000}
+    with pytest.raises(InfeasibleError, match=r"GPU 1 static memory 1000 bytes exceeds the cap 500"):
+        plan_heuristic(wl, FakeCluster(4), CommModel(FakeCluster(4)), memory_cap=500)
+
+
+def test_no_eligible_gpu_raises():
+    wl = Workload("far", [Op("a", 1.0, devices=(6, 7))], [])
+    with pytest.raises(InfeasibleError, match=r"ops\[a\].*not in this cluster of 4 GPUs"):
+        plan_heuristic(wl, FakeCluster(4), CommModel(FakeCluster(4)))
+    coll = Workload("coll", [Op("ar", 1.0, kind="comm", collective=Collective("all_reduce", (2, 5), 8))], [])
+    with pytest.raises(InfeasibleError, match="collective group"):
+        plan_heuristic(coll, FakeCluster(4), CommModel(FakeCluster(4)))
+
+
+def test_collectives_wait_for_every_group_gpu():
+    ops = [Op("s1", 30.0, kind="comm", devices=(1,)), Op("s2", 50.0, kind="comm", devices=(2,)),
+           Op("ar", 10.0, kind="comm", collective=Collective("all_reduce", (1, 2), 1 << 20)),
+           Op("k", 40.0, devices=(1,))]
+    plan = plan_and_check(Workload("coll", ops, []), FakeCluster(4))
+    # s1 and s2 rank higher (longer); ar fits only once both comm streams are free
+    assert plan.placements["ar"].device == 1
+    assert plan.placements["ar"].start == 50.0
+    assert plan.placements["k"].start == 0.0
+
+
+def test_deterministic_and_independent_of_insertion_order():
+    wl = build_pipeline(4, 8, directions=2, times_us={"F": 700, "B": 900, "W": 400}, activation_bytes=10,
+                        send_bytes=1 << 20)
+    cluster = FakeCluster(4, gpus_per_node=2)
+    a = plan_heuristic(wl, cluster, CommModel(cluster), memory_cap=30).to_json()
+    b = plan_heuristic(wl, cluster, CommModel(cluster), memory_cap=30).to_json()
+    shuffled = Workload.from_dict(json.loads(json.dumps(wl.to_dict())))
+    c = plan_heuristic(shuffled, cluster, CommModel(cluster), memory_cap=30).to_json()
+    assert a == b == c
+
+
+def test_observed_edge_delays_are_used():
+    wl = Workload("pair", [Op("a", 10.0, devices=(0,)), Op("b", 10.0, devices=(1,))], [Edge("a", "b", 400)])
+    cluster = FakeCluster(2)
+    comm = CommModel(cluster, edge_delay_us={("a", "b"): 37.0})
+    plan = plan_and_check(wl, cluster, comm)
+    assert plan.placements["b"].start == 47.0
+    assert (plan.transfers[0].start, plan.transfers[0].end) == (10.0, 47.0)
+
+
+def test_non_affine_transfer_times_fall_back_to_the_model():
+    cluster = PacketCluster(4, gpus_per_node=2)
+    table = DelayTable(CommModel(cluster), 4)
+    assert not table.affine
+    assert table.route(0, 1, 1) == table.route(0, 1, 4096) == 1.0 + 4096 / 400.0
+    assert DelayTable(CommModel(FakeCluster(4)), 4).affine
+    wl = Workload("pk", [Op(f"o{i}", 5.0) for i in range(6)],
+                  [Edge("o0", f"o{i}", 5000) for i in range(1, 6)])
+    plan_and_check(wl, cluster)
+
+
+def test_with_a_real_h100_cluster():
+    hp = pytest.importorskip("hardware_profiles")
+    from engine.graphgen import generate
+    from engine.workloads import graph_from_dict
+
+    for nodes in (1, 2):
+        cluster = hp.build_cluster(hp.load_profile("h100-sxm"), nodes)
+        wl = graph_from_dict(generate("layered", 300, seed=nodes, edge_bytes=64 << 20, memory_bytes=1 << 30))
+        plan = plan_and_check(wl, cluster)
+        assert any(t.src_device // 8 != t.dst_device // 8 for t in plan.transfers) == (nodes == 2)
+    pipe = build_pipeline(8, 16, times_us=UNIT, activation_bytes=10 << 30, send_bytes=32 << 20)
+    cluster = hp.build_cluster(hp.load_profile("h100-sxm"), 1)
+    cap = cluster.memory_cap_bytes(0)
+    plan = plan_and_check(pipe, cluster)
+    assert max(peak_memory(plan, pipe).values()) <= cap
