@@ -4,8 +4,8 @@
 class scale): affine in the size. :class:`DelayTable` measures each ordered GPU pair's
 ``lat[a][b]`` (us) and ``inv[a][b]`` (us per byte) from three sizes, checks the three agree with
 one line (else it falls back to asking the model, with a cache), and answers
-``delay(src_op, dst_op, a, b, nbytes)`` exactly as ``CommModel.delay`` does (per-edge observed
-delays win; 0 on one GPU or for zero bytes) up to float rounding.
+``delay(src_op, dst_op, a, b, nbytes)`` exactly as ``CommModel.delay`` does (times the per-edge
+contention factor; 0 on one GPU or for zero bytes) up to float rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class DelayTable:
     def __init__(self, comm: Any, n_gpus: int):
         self.comm = comm
         self.n = int(n_gpus)
-        self.overrides: dict[tuple[str, str], float] = dict(getattr(comm, "edge_delay_us", {}) or {})
+        self.edge_scale: dict[tuple[str, str], float] = dict(getattr(comm, "edge_scale", {}) or {})
         n = self.n
         self.lat = [[0.0] * n for _ in range(n)]
         self.inv = [[0.0] * n for _ in range(n)]
@@ -57,11 +57,8 @@ class DelayTable:
         """Same as ``CommModel.delay``: delay (us) of edge ``src_op -> dst_op`` placed ``a -> b``."""
         if a == b or nbytes <= 0:
             return 0.0
-        if self.overrides:
-            t = self.overrides.get((src_op, dst_op))
-            if t is not None:
-                return t
-        return self.route(a, b, nbytes)
+        t = self.route(a, b, nbytes)
+        return t * self.edge_scale.get((src_op, dst_op), 1.0) if self.edge_scale else t
 
     def mean(self, nbytes: int) -> float:
         """Mean delay (us) of ``nbytes`` over ordered pairs of distinct GPUs (HEFT's average)."""

@@ -5,11 +5,12 @@ its output reaches ``dst_dev``:
 
 * 0 on the same GPU, and 0 for a zero-byte edge (a pure ordering constraint: no data moves);
 * otherwise the cluster's contention-free time on the route, ``latency + bytes / bandwidth``
-  (``Cluster.transfer_time``), scaled by ``class_scale[link class]`` of the route's bottleneck
-  link class, unless ``edge_delay_us`` holds an observed delay for that edge.
+  (``Cluster.transfer_time``), times ``class_scale[c]`` for the route's link class ``c`` and
+  times ``edge_scale[(src_op, dst_op)]``, the contention factor observed for that edge (it
+  follows the edge when a planner moves it to other GPUs).
 
-``class_scale`` and ``edge_delay_us`` are what the simulator-in-the-loop refinement updates;
-the contention-free model has neither.
+``class_scale`` and ``edge_scale`` are what the simulator-in-the-loop refinement updates; the
+contention-free model has neither (every factor 1).
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ from typing import Any, Mapping
 class CommModel:
     cluster: Any  # hardware_profiles.Cluster (kept untyped: engine.cost must not need the loader)
     class_scale: dict[str, float] = field(default_factory=dict)
-    edge_delay_us: dict[tuple[str, str], float] = field(default_factory=dict)
+    edge_scale: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def delay(self, src_op: str, dst_op: str, src_dev: int, dst_dev: int, nbytes: int) -> float:
         """Communication delay in us of edge ``src_op -> dst_op`` placed on ``src_dev -> dst_dev``."""
         if src_dev == dst_dev or nbytes <= 0:
             return 0.0
-        observed = self.edge_delay_us.get((src_op, dst_op))
-        if observed is not None:
-            return observed
-        return self.route_delay(src_dev, dst_dev, nbytes)
+        return self.route_delay(src_dev, dst_dev, nbytes) * self.edge_scale.get((src_op, dst_op), 1.0)
 
     def route_delay(self, src_dev: int, dst_dev: int, nbytes: int) -> float:
         """Modelled delay (us) of ``nbytes`` from ``src_dev`` to ``dst_dev``, ignoring per-edge data."""
@@ -43,14 +41,14 @@ class CommModel:
     def to_dict(self) -> dict[str, Any]:
         return {
             "class_scale": dict(sorted(self.class_scale.items())),
-            "edge_delay_us": {f"{s}->{d}": v for (s, d), v in sorted(self.edge_delay_us.items())},
+            "edge_scale": {f"{s}->{d}": v for (s, d), v in sorted(self.edge_scale.items())},
         }
 
     @classmethod
     def from_dict(cls, cluster: Any, d: Mapping[str, Any] | None) -> "CommModel":
         d = d or {}
         edges = {}
-        for key, v in d.get("edge_delay_us", {}).items():
+        for key, v in d.get("edge_scale", {}).items():
             s, _, t = key.partition("->")
             edges[(s, t)] = float(v)
         return cls(cluster, {k: float(v) for k, v in d.get("class_scale", {}).items()}, edges)

@@ -11,12 +11,17 @@
    allocation is live from its op's start until the latest end of the op and its ``release``
    ops; while a release op is unplaced it is live to infinity. An op may start at ``t`` only if
    the usage from ``t`` on leaves room for it, so later frees only ever add slack.
-   Deadlock avoidance: placing an allocation reserves room for the not yet placed allocations
-   (pinned to one GPU) that must run before it can be freed, i.e. the allocating ancestors of its
-   release ops; an op is placed only if every GPU's open + reserved bytes stay within the cap.
-   Ops that do not fit wait; while some wait, ops that allocate nothing go first (they are what
-   frees memory: B/W of started micro-batches). If nothing fits that way, the best op that fits
-   the cap alone is placed; if none does, :class:`InfeasibleError` names op, GPU and bytes over.
+   Deadlock avoidance (a pure list scheduler can fill every cap with activations whose frees
+   need yet more memory): placing an allocation reserves room for its *blockers*, the unplaced
+   allocating ancestors of its release ops, which must be placed before it can be freed. Those
+   pinned to one GPU are reserved on that GPU, the others from the pool of room on all capped
+   GPUs (and each must fit on some GPU by itself). An allocating op is placed only if every GPU's
+   open + reserved bytes, and the pool, stay within the caps. Ops that do not fit wait; while
+   some wait, ops that allocate nothing go first (they free memory: B/W of started
+   micro-batches); a free gives the ``RETRY`` best waiting ops another try, and all of them get
+   one when nothing else is ready. If still nothing fits, the best waiting op that fits the cap
+   alone is placed ("loose"); if none does, :class:`InfeasibleError` names the op (preferring one
+   an open allocation waits for), the GPU closest to fitting it and the bytes over.
 
 Times in us, sizes in bytes. Deterministic: ties break on topological index and GPU index.
 """
@@ -25,15 +30,17 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from typing import Any
 
 from engine.commtable import DelayTable
 from engine.errors import InfeasibleError
 from engine.ir import Placement, Plan, Transfer, Workload
+from engine.memtimeline import MemoryTimeline
 from engine.validate import memory_caps
 
 SCAN_LIMIT = 64  # gaps examined after an op's ready time before it goes after the stream's last op
+RETRY = 4  # waiting ops given another try when memory is freed (all of them once the list runs dry)
 INF = math.inf
 
 
@@ -94,47 +101,6 @@ def _indexed(workload: Workload) -> tuple[list[str], list[Any], list[tuple[int, 
     return names, [node_op[o] for o in names], edges
 
 
-class _Memory:
-    """Per GPU: a timeline of net allocation changes, open (unfreed) and reserved bytes."""
-
-    def __init__(self, caps: list[int], static: list[int]):
-        n = len(caps)
-        self.caps, self.static = caps, static
-        self.open = [0] * n
-        self.reserved = [0] * n
-        self.times: list[list[float]] = [[] for _ in range(n)]
-        self.deltas: list[list[int]] = [[] for _ in range(n)]
-
-    def add(self, d: int, t: float, delta: int) -> None:
-        times, deltas = self.times[d], self.deltas[d]
-        k = bisect_left(times, t)
-        if k < len(times) and times[k] == t:
-            deltas[k] += delta
-        else:
-            times.insert(k, t)
-            deltas.insert(k, delta)
-
-    def earliest(self, d: int, m: int, r: float) -> float:
-        """Earliest ``t >= r`` from which usage on ``d`` stays <= cap - ``m`` (INF if never)."""
-        room = self.caps[d] - m
-        u = self.static[d] + self.open[d]  # usage after the last event
-        if u > room:
-            return INF
-        times, deltas = self.times[d], self.deltas[d]
-        k = len(times) - 1
-        while k >= 0 and times[k] > r:
-            before = u - deltas[k]
-            if before > room:
-                return times[k]
-            u = before
-            k -= 1
-        return r
-
-    def used(self, d: int) -> int:
-        """Bytes that stay resident on ``d`` once every placed, freed allocation is gone."""
-        return self.static[d] + self.open[d]
-
-
 class _ListScheduler:
     def __init__(self, workload: Workload, cluster: Any, comm: Any, memory_cap: int | None):
         self.workload = workload
@@ -164,22 +130,20 @@ class _ListScheduler:
                                       f"cluster of {n_gpus} GPUs")
             self.elig.append(e)
         table = self.table
-        # preds[i]: (pred index, bytes, observed delay or None); succs for the rank.
-        self.preds: list[list[tuple[int, int, float | None]]] = [[] for _ in range(n)]
+        # preds[i]: (pred index, bytes, contention factor of the edge); succs for the rank.
+        self.preds: list[list[tuple[int, int, float]]] = [[] for _ in range(n)]
         succs: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         self.edges = edges
-        names, elig, overrides = self.names, self.elig, table.overrides
+        names, elig, edge_scale = self.names, self.elig, table.edge_scale
         for u, v, b in edges:
-            ov = overrides.get((names[u], names[v])) if overrides else None
-            self.preds[v].append((u, b, ov))
+            f = edge_scale.get((names[u], names[v]), 1.0) if edge_scale else 1.0
+            self.preds[v].append((u, b, f))
             if b <= 0:
                 c = 0.0
-            elif ov is not None:
-                c = ov
             elif len(elig[u]) == 1 and len(elig[v]) == 1:
-                c = table.route(elig[u][0], elig[v][0], b)
+                c = table.route(elig[u][0], elig[v][0], b) * f
             else:
-                c = table.mean(b)
+                c = table.mean(b) * f
             succs[u].append((v, c))
         self.rank = rank = [0.0] * n
         for i in range(n - 1, -1, -1):
@@ -207,11 +171,12 @@ class _ListScheduler:
                 for d in self.elig[i]:
                     worst[d] += op.memory_bytes
         self.binding = [worst[d] > caps[d] for d in range(n_gpus)]
-        self.mem = _Memory(caps, static) if any(self.binding) else None
+        self.mem = MemoryTimeline(caps, static) if any(self.binding) else None
         n = len(ops)
         self.mbytes = [op.memory_bytes if self.mem is not None else 0 for op in ops]
         self.allocating = [m > 0 and any(self.binding[d] for d in e) for m, e in zip(self.mbytes, self.elig)]
         self.pinned = [e[0] if len(e) == 1 else -1 for e in self.elig]
+        self.capped_only = [all(self.binding[d] for d in e) for e in self.elig]
         self.release = [sorted({index[r] for r in op.release}) for op in ops]
         self.released_by: list[list[int]] = [[] for _ in range(n)]
         self.pending = [0] * n
@@ -242,41 +207,74 @@ class _ListScheduler:
                     stack.append(q)
         return found
 
-    def _new_demand(self, i: int) -> tuple[dict[int, int], list[int]]:
-        """The blockers of ``i`` pinned to a capped GPU and not reserved yet: per GPU their
-        bytes, and the ops."""
-        pinned, binding, reserved, mbytes = self.pinned, self.binding, self.reserved, self.mbytes
+    def _new_demand(self, i: int) -> tuple[dict[int, int], int, list[int], list[int]]:
+        """What placing ``i`` newly reserves among its blockers that can only go on capped GPUs:
+        per GPU the bytes of those pinned to one, the bytes of the others (reserved from the pool
+        of all capped GPUs' room), the ops to mark reserved, and every such multi-GPU blocker."""
+        pinned, binding, reserved, mbytes, capped_only = self.pinned, self.binding, self.reserved, self.mbytes, self.capped_only
         per_gpu: dict[int, int] = {}
-        found = []
+        flex_bytes = 0
+        found, flexible = [], []
         for v in self._blockers(i):
             g = pinned[v]
-            if g >= 0 and binding[g] and not reserved[v]:
-                found.append(v)
-                per_gpu[g] = per_gpu.get(g, 0) + mbytes[v]
-        return per_gpu, found
+            if g >= 0:
+                if binding[g] and not reserved[v]:
+                    found.append(v)
+                    per_gpu[g] = per_gpu.get(g, 0) + mbytes[v]
+            elif capped_only[v]:
+                flexible.append(v)
+                if not reserved[v]:
+                    found.append(v)
+                    flex_bytes += mbytes[v]
+        return per_gpu, flex_bytes, found, flexible
 
-    def _strict_ok(self, i: int, d: int, demand: dict[int, int]) -> bool:
-        """Open + reserved bytes on ``d`` leave room for ``i`` and what ``i`` newly reserves there."""
-        mem, m = self.mem, self.mbytes[i]
-        reserved_d = mem.reserved[d] - (m if self.reserved[i] else 0)
-        return mem.used(d) + m + reserved_d + demand.get(d, 0) <= mem.caps[d]
+    def _strict_room(self, i: int) -> tuple[list[float], int, list[tuple[tuple[int, ...], int]], list[int]] | None:
+        """For placing ``i`` under the reservation rule: per GPU the room left after open,
+        reserved and newly reserved bytes (INF where the cap cannot bind), the room left in the
+        pool of capped GPUs for multi-GPU blockers, those blockers' (GPUs, bytes), and the ops
+        to reserve; None if some GPU's pinned reservations alone would not fit."""
+        per_gpu, flex_bytes, found, flexible = self._new_demand(i)
+        mem, binding = self.mem, self.binding
+        room = [mem.caps[g] - mem.used(g) - mem.reserved[g] - per_gpu.get(g, 0) if binding[g] else INF
+                for g in range(self.n_gpus)]
+        if any(r < 0 for r in room):
+            return None
+        pool = sum(r for r in room if r != INF) - mem.flex_reserved - flex_bytes
+        needs = sorted({(self.elig[y], self.mbytes[y]) for y in flexible})
+        return room, pool, needs, found
 
-    def _demand_fits_elsewhere(self, demand: dict[int, int]) -> bool:
-        mem = self.mem
-        return all(mem.used(g) + mem.reserved[g] + b <= mem.caps[g] for g, b in demand.items())
+    def _strict_ok(self, i: int, d: int, room: list[float], pool: int, needs: list[tuple[tuple[int, ...], int]]) -> bool:
+        """Placing ``i`` on ``d`` keeps: ``d``'s room >= 0; the pool >= 0; each multi-GPU blocker
+        fitting on some GPU by itself (the pool ignores how room is split between GPUs)."""
+        m, mine, pinned = self.mbytes[i], self.reserved[i], self.pinned[i] >= 0
+        take = 0 if mine and pinned else m  # what ``i`` adds on ``d`` beyond what was reserved there
+        if self.binding[d]:
+            if take > room[d]:
+                return False
+            if not mine:
+                pool -= m
+        elif mine and not pinned:
+            pool += m  # its share of the pool is no longer needed
+        if pool < 0:
+            return False
+        for gpus, b in needs:
+            if not any((room[g] - take if g == d else room[g]) >= b for g in gpus):
+                return False
+        return True
 
     # -- placement ------------------------------------------------------------------------------
-    def _choose(self, i: int, mode: str) -> tuple[float, int, dict[int, int], list[int]] | None:
-        """Best (start, GPU, new reservations per GPU, reserved ops) for op ``i`` or None.
+    def _choose(self, i: int, mode: str) -> tuple[float, int, list[int]] | None:
+        """Best (start, GPU, ops to reserve) for op ``i``, or None if no GPU may take it.
 
         ``mode``: "free" (no memory rules apply), "strict" (caps and reservations) or "loose" (caps only).
         """
         p = self.dur[i]
-        demand, found = {}, []
+        found: list[int] = []
         if mode == "strict":
-            demand, found = self._new_demand(i)
-            if not self._demand_fits_elsewhere(demand):
+            ctx = self._strict_room(i)
+            if ctx is None:
                 return None
+            room, pool, needs, found = ctx
         group = self.group[i]
         gs, ge, tail = self.gap_start, self.gap_end, self.tail
         best_f, best = INF, None
@@ -284,23 +282,21 @@ class _ListScheduler:
         lat, inv, affine = table.lat, table.inv, table.affine
         for d in self.elig[i]:
             r = 0.0  # when every input has reached GPU d
-            for q, b, ov in preds:
+            for q, b, f in preds:
                 t = en[q]
                 dq = dev[q]
                 if dq != d and b > 0:
-                    if ov is not None:
-                        t += ov
-                    elif affine:
-                        t += lat[dq][d] + b * inv[dq][d]
+                    if affine:
+                        t += (lat[dq][d] + b * inv[dq][d]) * f
                     else:
-                        t += table.route(dq, d, b)
+                        t += table.route(dq, d, b) * f
                 if t > r:
                     r = t
             if r + p >= best_f:
                 continue
+            if mode == "strict" and not self._strict_ok(i, d, room, pool, needs):
+                continue
             if mode != "free" and self.binding[d]:
-                if mode == "strict" and not self._strict_ok(i, d, demand):
-                    continue
                 t = self.mem.earliest(d, self.mbytes[i], r)
                 if t == INF:
                     continue
@@ -314,7 +310,7 @@ class _ListScheduler:
                 best_f, best = s + p, (s, d)
         if best is None:
             return None
-        return best[0], best[1], demand, found
+        return best[0], best[1], found
 
     def _fit_group(self, group: tuple[int, ...], r: float, p: float) -> float:
         """Earliest start >= ``r`` free on the comm stream of every GPU of ``group``."""
@@ -340,10 +336,16 @@ class _ListScheduler:
         mem, mbytes = self.mem, self.mbytes
         if self.reserved[i]:
             self.reserved[i] = False
-            mem.reserved[d] -= mbytes[i]
+            if self.pinned[i] >= 0:
+                mem.reserved[d] -= mbytes[i]
+            else:
+                mem.flex_reserved -= mbytes[i]
         for y in found:
             self.reserved[y] = True
-            mem.reserved[self.pinned[y]] += mbytes[y]
+            if self.pinned[y] >= 0:
+                mem.reserved[self.pinned[y]] += mbytes[y]
+            else:
+                mem.flex_reserved += mbytes[y]
         if self.allocating[i] and self.binding[d]:
             mem.add(d, s, mbytes[i])
             if self.pending[i] == 0:
@@ -412,7 +414,8 @@ class _ListScheduler:
         for i in range(n):
             if indeg[i] == 0:
                 heapq.heappush(alloc_heap if allocating[i] else free_heap, (-rank[i], i))
-        blocked: list[int] = []
+        blocked: list[tuple[float, int]] = []  # ops that may not allocate now, by priority
+        swept = False  # every waiting op was retried since the last free
         loose = 0
         placed = 0
         while placed < n:
@@ -422,24 +425,30 @@ class _ListScheduler:
             elif alloc_heap:
                 i = heapq.heappop(alloc_heap)[1]
                 choice = self._choose(i, "strict")
+            elif not swept:
+                # nothing else to do: retry every waiting op (frees may have let them in)
+                alloc_heap, blocked, swept = blocked, [], True
+                continue
             else:
-                blocked.sort(key=lambda k: (-rank[k], k))
-                for i in blocked:
+                # no waiting op fits with reservations and no free can come: loosen to the cap
+                waiting = [k for _, k in sorted(blocked)]
+                for i in waiting:
                     choice = self._choose(i, "loose")
                     if choice is not None:
-                        blocked.remove(i)
+                        blocked.remove((-rank[i], i))
+                        heapq.heapify(blocked)
                         loose += 1
                         break
                 else:
-                    raise self._infeasible(blocked)
+                    raise self._infeasible(waiting)
             if choice is None:
-                blocked.append(i)
+                heapq.heappush(blocked, (-rank[i], i))
                 continue
-            s, d, _, found = choice
-            if self._commit(i, s, d, found) and blocked:
-                for k in blocked:
-                    heapq.heappush(alloc_heap, (-rank[k], k))
-                blocked = []
+            s, d, found = choice
+            if self._commit(i, s, d, found):
+                swept = False
+                for _ in range(min(RETRY, len(blocked))):
+                    heapq.heappush(alloc_heap, heapq.heappop(blocked))
             placed += 1
             for v in self.succ_idx[i]:
                 indeg[v] -= 1
@@ -453,7 +462,7 @@ class _ListScheduler:
         # per GPU by (start, end, topological index): unlike ids, the index orders zero-length
         # ops that start together the way their dependencies do
         order: dict[int, list[str]] = {}
-        for i in sorted(range(len(self.names)), key=lambda k: (self.start[k], self.end[k], k)):
+        for _, _, i in sorted(zip(self.start, self.end, range(len(self.names)))):
             order.setdefault(self.dev[i], []).append(self.names[i])
         return Plan(workload=self.workload.name, placements=placements, planner="heuristic", status="heuristic",
                     makespan_us=max(self.end, default=0.0), order=dict(sorted(order.items())),

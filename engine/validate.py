@@ -22,6 +22,7 @@ Float comparisons allow ``REL_TOL`` relative (at least ``REL_TOL`` us absolute).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from typing import Any, Callable, Mapping
 
@@ -36,7 +37,7 @@ def _tol(*values: float) -> float:
 
 
 def _fmt(t: float) -> str:
-    return f"{t:.6g}"
+    return f"{t:.12g}"
 
 
 def memory_caps(workload: Workload, cluster: Any, memory_cap: int | None = None) -> list[int]:
@@ -121,7 +122,7 @@ def validate_plan(plan: Plan, workload: Workload, cluster: Any, comm: Any, memor
     ops = workload.ops
     usable = _check_placements(plan, ops, cluster, out)
     _check_precedence(plan, workload, comm, usable, out)
-    _check_overlap(plan, ops, usable, out)
+    _check_overlap(plan, ops, usable, cluster.n_gpus, out)
     _check_order(plan, ops, cluster, out)
     _check_memory(plan, workload, memory_caps(workload, cluster, memory_cap), usable, out)
     if usable and plan.makespan_us is not None:
@@ -144,7 +145,7 @@ def _check_placements(plan: Plan, ops: Mapping[str, Any], cluster: Any, out: lis
             out.append(f"op {op_id} is not placed")
     for op_id in sorted(set(plan.placements) & set(ops)):
         op, p = ops[op_id], plan.placements[op_id]
-        if not isinstance(p.device, int) or not 0 <= p.device < n:
+        if not isinstance(p.device, numbers.Integral) or not 0 <= p.device < n:
             out.append(f"op {op_id} is on GPU {p.device!r}, but the cluster has GPUs 0..{n - 1}")
             continue
         if not (math.isfinite(p.start) and math.isfinite(p.end)):
@@ -182,13 +183,15 @@ def _check_precedence(plan: Plan, workload: Workload, comm: Any, usable: set[str
                        f"{_fmt(pu.end)} us{via} = {_fmt(ready)} us")
 
 
-def _check_overlap(plan: Plan, ops: Mapping[str, Any], usable: set[str], out: list[str]) -> None:
+def _check_overlap(plan: Plan, ops: Mapping[str, Any], usable: set[str], cluster_gpus: int, out: list[str]) -> None:
     streams: dict[tuple[int, str], list[tuple[float, float, str]]] = {}
     for op_id in usable:
         p = plan.placements[op_id]
         for key in occupied_streams(ops[op_id], p.device):
             streams.setdefault(key, []).append((p.start, p.end, op_id))
     for (d, stream), items in sorted(streams.items()):
+        if not 0 <= d < cluster_gpus:
+            continue  # a collective's group GPU outside the cluster: reported with the placement
         items.sort()
         last_end, last_op = -math.inf, None
         for start, end, op_id in items:
@@ -203,7 +206,7 @@ def _check_overlap(plan: Plan, ops: Mapping[str, Any], usable: set[str], out: li
 def _check_order(plan: Plan, ops: Mapping[str, Any], cluster: Any, out: list[str]) -> None:
     seen: dict[str, int] = {}
     for d in sorted(plan.order):
-        if not isinstance(d, int) or not 0 <= d < cluster.n_gpus:
+        if not isinstance(d, numbers.Integral) or not 0 <= d < cluster.n_gpus:
             out.append(f"plan order lists GPU {d!r}, but the cluster has GPUs 0..{cluster.n_gpus - 1}")
         last: dict[str, tuple[str, float]] = {}
         for op_id in plan.order[d]:

@@ -11,6 +11,7 @@ from engine.cost import CommModel
 from engine.errors import InfeasibleError
 from engine.ir import Collective, Edge, Op, Workload
 from engine.heuristic import plan_heuristic
+from engine.memtimeline import INF, MemoryTimeline
 from engine.validate import compact, lower_bounds, peak_memory, validate_plan
 from engine.workloads import build_pipeline
 
@@ -113,6 +114,23 @@ def test_memory_released_by_consumers_is_valid_or_infeasible(case, slack):
     assert max(peak_memory(plan, wl).values(), default=0) <= cap
 
 
+def test_memory_timeline_earliest_start():
+    mem = MemoryTimeline(caps=[100], static=[10])
+    mem.add(0, 0.0, 60)   # [0, 10)
+    mem.add(0, 10.0, -60)
+    mem.add(0, 20.0, 30)  # open from 20
+    mem.open[0] += 30
+    assert mem.used(0) == 40
+    assert mem.earliest(0, 60, 0.0) == 10.0  # 10 + 60 + 60 > 100 before 10; 10 + 30 + 60 after 20
+    assert mem.earliest(0, 60, 15.0) == 15.0
+    assert mem.earliest(0, 30, 0.0) == 0.0
+    assert mem.earliest(0, 61, 0.0) == INF  # the open 30 bytes never leave
+    mem.add(0, 10.0, 5)  # an open allocation at 10: with the free there, a net -55
+    mem.open[0] += 5
+    assert mem.deltas[0] == [60, -55, 30]
+    assert mem.earliest(0, 55, 0.0) == 10.0 and mem.earliest(0, 56, 0.0) == INF
+
+
 def test_insertion_fills_an_idle_gap():
     # y waits for x (other GPU); z, ready at 0 but of low rank, is placed last and fills y's gap.
     wl = Workload("gap", [Op("x", 10.0, devices=(1,)), Op("y", 10.0, devices=(0,)), Op("z", 5.0, devices=(0,))],
@@ -130,6 +148,13 @@ def test_easy_cases_are_optimal():
                      [Edge(f"o{i}", f"o{i + 1}", 1_000_000) for i in range(4)])
     plan = plan_and_check(chain, cluster)
     assert plan.makespan_us == 50.0 and plan.transfers == []  # big tensors keep the chain on one GPU
+
+
+def test_durations_follow_the_gpu_model():
+    wl = Workload("models", [Op("a", 10.0, duration_by_gpu=(("fake-gpu", 4.0), ("other", 7.0))), Op("b", 10.0)],
+                  [Edge("a", "b", 0)])
+    plan = plan_and_check(wl, FakeCluster(2))
+    assert (plan.placements["a"].end, plan.placements["b"].end) == (4.0, 14.0)
 
 
 def test_pipeline_p4_m8_beats_or_matches_1f1b():
@@ -222,13 +247,14 @@ def test_deterministic_and_independent_of_insertion_order():
     assert a == b == c
 
 
-def test_observed_edge_delays_are_used():
+def test_observed_edge_contention_factors_are_used():
     wl = Workload("pair", [Op("a", 10.0, devices=(0,)), Op("b", 10.0, devices=(1,))], [Edge("a", "b", 400)])
     cluster = FakeCluster(2)
-    comm = CommModel(cluster, edge_delay_us={("a", "b"): 37.0})
+    plain = CommModel(cluster).delay("a", "b", 0, 1, 400)
+    comm = CommModel(cluster, edge_scale={("a", "b"): 3.0})
     plan = plan_and_check(wl, cluster, comm)
-    assert plan.placements["b"].start == 47.0
-    assert (plan.transfers[0].start, plan.transfers[0].end) == (10.0, 47.0)
+    assert plan.placements["b"].start == pytest.approx(10.0 + 3.0 * plain)
+    assert plan.transfers[0].end == pytest.approx(10.0 + 3.0 * plain)
 
 
 def test_non_affine_transfer_times_fall_back_to_the_model():
