@@ -1,0 +1,149 @@
+"""Benchmark of the MIP planner: prints one JSON object with a record per run.
+
+Instances (DESIGN.md / issue 3):
+
+* ``pipe_p4_m8``, ``pipe_p8_m20``: unit pipelines (F = B = W = 1000 us), one direction; optima
+  27 and 67 units; ``*_d2``: the same with two directions (DualPipe layout);
+* ``graph_50``, ``graph_200``, ``graph_1000``: ``gen-graph`` layered graphs on 4, 8 and 16 GPUs,
+  each op eligible on a random 2, 3 or 4 of them, zero-byte edges (1,000 ops: ``merge=auto``);
+* ``*_mem``: the same with activations (1 GiB per F, or per graph op until its consumers end)
+  under a cap that binds.
+
+Each record: makespan, lower bound, gap, status, solve time, binaries, ops before / after
+merging, and the heuristic's makespan. ``--ablation`` (default on) repeats the key instances
+with each speed-up switched off. Run: ``python bench/bench_mip.py [--quick] [--only NAME]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.cost import CommModel  # noqa: E402
+from engine.errors import InputError, write_atomic  # noqa: E402
+from engine.graphgen import generate  # noqa: E402
+from engine.heuristic import plan_heuristic  # noqa: E402
+from engine.mip import plan_mip  # noqa: E402
+from engine.mip_model import DEFAULT_SPEEDUPS  # noqa: E402
+from engine.validate import peak_memory, validate_plan  # noqa: E402
+from engine.workloads import build_pipeline, graph_from_dict  # noqa: E402
+from hardware_profiles import build_cluster, load_profile  # noqa: E402
+
+GIB = 1 << 30
+UNIT_US = 1000.0
+ABLATION = ("tight_big_m", "symmetry", "dag_pairs", "load_cut", "warm_start", "lns")
+
+
+def cluster_for(gpus: int):
+    profile = load_profile("h100-sxm")
+    return build_cluster(profile, max(1, -(-gpus // 8)))
+
+
+def pipeline(p: int, m: int, directions: int = 1, act: int = 0):
+    return build_pipeline(p, m, directions=directions, times_us={"F": UNIT_US, "B": UNIT_US, "W": UNIT_US},
+                          activation_bytes=act, name=f"pipe_p{p}_m{m}_d{directions}")
+
+
+def graph(n: int, gpus: int, eligible: int, seed: int = 1, mem: int = 0):
+    return graph_from_dict(generate("layered", n, seed=seed, gpus=gpus, eligible=eligible, memory_bytes=mem))
+
+
+def instances(quick: bool) -> list[dict]:
+    """name, workload, GPUs, memory cap, time limit (s), merge."""
+    out = [
+        dict(name="pipe_p4_m8", wl=pipeline(4, 8), gpus=4, limit=30),
+        dict(name="pipe_p8_m20", wl=pipeline(8, 20), gpus=8, limit=60),
+        dict(name="pipe_p4_m8_d2", wl=pipeline(4, 8, 2), gpus=4, limit=30),
+        dict(name="pipe_p8_m20_d2", wl=pipeline(8, 20, 2), gpus=8, limit=60),
+        dict(name="pipe_p4_m8_mem", wl=pipeline(4, 8, act=GIB), gpus=4, cap=2 * GIB, limit=30),
+        dict(name="pipe_p8_m20_mem", wl=pipeline(8, 20, act=GIB), gpus=8, cap=4 * GIB, limit=60),
+        dict(name="pipe_p4_m8_d2_mem", wl=pipeline(4, 8, 2, act=GIB), gpus=4, cap=3 * GIB, limit=30),
+        dict(name="graph_50", wl=graph(50, 4, 2), gpus=4, limit=60),
+        dict(name="graph_200", wl=graph(200, 8, 3), gpus=8, limit=60),
+        dict(name="graph_1000", wl=graph(1000, 16, 4), gpus=16, limit=120, merge="auto"),
+        dict(name="graph_50_mem", wl=graph(50, 4, 2, mem=GIB), gpus=4, cap="auto", limit=30),
+        dict(name="graph_200_mem", wl=graph(200, 8, 3, mem=GIB), gpus=8, cap="auto", limit=60),
+    ]
+    if quick:
+        for inst in out:
+            inst["limit"] = min(inst["limit"], 10)
+    return out
+
+
+def binding_cap(wl, cluster, comm) -> int:
+    """A cap 70% of the way from the largest single need to the heuristic's uncapped peak."""
+    peak = max(peak_memory(plan_heuristic(wl, cluster, comm), wl).values())
+    need = max(op.memory_bytes for op in wl.ops.values())
+    return int(need + 0.7 * (peak - need))
+
+
+def run(spec: dict, off: str | None = None, limit: float | None = None) -> dict:
+    wl, cluster = spec["wl"], cluster_for(spec["gpus"])
+    comm = CommModel(cluster)
+    cap = spec.get("cap")
+    if cap == "auto":
+        cap = binding_cap(wl, cluster, comm)
+    rec = {"instance": spec["name"], "n_ops": len(wl), "gpus": spec["gpus"], "memory_cap_bytes": cap,
+           "time_limit_s": limit or spec["limit"], "speedup_off": off}
+    try:
+        heur = plan_heuristic(wl, cluster, comm, memory_cap=cap).makespan_us
+    except InputError:
+        heur = None
+    t0 = time.perf_counter()
+    try:
+        plan = plan_mip(wl, cluster, comm, time_limit_s=rec["time_limit_s"], threads=2, memory_cap=cap,
+                        merge=spec.get("merge", "none"), speedups={off: False} if off else None)
+    except InputError as err:
+        rec.update({"error": str(err), "solve_s": time.perf_counter() - t0})
+        return rec
+    assert validate_plan(plan, wl, cluster, comm, cap) == []
+    rec.update({
+        "makespan_us": plan.makespan_us, "lower_bound_us": plan.lower_bound_us, "gap": plan.mip_gap,
+        "status": plan.status, "solve_s": round(plan.solve_s, 3), "n_binaries": plan.meta.get("n_binaries"),
+        "n_ops_after_merge": plan.meta.get("n_ops_after_merge"), "heuristic_makespan_us": heur,
+        "warm_start": plan.meta.get("warm_start"), "source": plan.meta.get("source"),
+        "peak_memory_bytes": max(peak_memory(plan, wl).values()),
+    })
+    if spec["name"].startswith("pipe"):
+        rec["makespan_units"] = plan.makespan_us / UNIT_US
+        rec["lower_bound_units"] = plan.lower_bound_us / UNIT_US
+    return rec
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="time limits of at most 10 s")
+    ap.add_argument("--only", help="run instances whose name contains this")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the runs with a speed-up switched off")
+    ap.add_argument("-o", "--output", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    specs = [s for s in instances(args.quick) if not args.only or args.only in s["name"]]
+    records = []
+    for spec in specs:
+        records.append(run(spec))
+        print(json.dumps(records[-1], sort_keys=True), file=sys.stderr)
+    if not args.no_ablation:
+        ablate = {"pipe_p4_m8": 30, "pipe_p8_m20": 60, "graph_50": 20, "graph_200": 30}
+        for spec in specs:
+            if spec["name"] not in ablate:
+                continue
+            limit = min(ablate[spec["name"]], 10) if args.quick else ablate[spec["name"]]
+            for off in ("none",) + ABLATION:
+                if off == "none" and limit == spec["limit"]:
+                    continue  # the main run is the baseline
+                assert off == "none" or off in DEFAULT_SPEEDUPS
+                records.append(run(spec, None if off == "none" else off, limit))
+                print(json.dumps(records[-1], sort_keys=True), file=sys.stderr)
+    text = json.dumps({"bench": "mip", "records": records}, indent=1, sort_keys=True)
+    print(text)
+    if args.output:
+        write_atomic(args.output, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
