@@ -38,6 +38,7 @@ def _mip(scenario, options: dict[str, Any]) -> Plan:
 # command-line overrides applied.
 PLANNERS: dict[str, Callable[[Any, dict[str, Any]], Plan]] = {
     "heuristic": _heuristic,
+    "schedule:": _schedule,
     "mip": _mip,
 }
 
