@@ -30,6 +30,7 @@ import yaml
 from engine.cost import CommModel
 from engine.errors import InputError
 from engine.ir import Workload
+from engine.transformer import transformer_workload
 from engine.workloads import build_pipeline, load_graph
 
 GIB = 1 << 30
@@ -227,6 +228,7 @@ def _graph(spec: dict, base: Path, placement: dict, cluster) -> Workload:
 WORKLOAD_BUILDERS: dict[str, Callable[[dict, Path, dict, Any], Workload]] = {
     "pipeline": _pipeline,
     "graph": _graph,
+    "transformer": transformer_workload,
 }
 
 

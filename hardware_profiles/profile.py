@@ -30,6 +30,7 @@ TFLOPS = 1e6  # TFLOP/s -> FLOP/us
 
 DTYPES = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8", "fp4")
 LINK_CLASSES = ("nvlink", "pcie", "nic", "spine")
+COLLECTIVE_NAMES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv", "broadcast")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,13 @@ FIELDS: tuple[Field, ...] = (
        default=0.5, **_SHARE),
     _f("gpu.comm_compute_slowdown", "comm_compute_slowdown", "float", "",
        "share by which compute slows while a comm kernel runs on the same GPU", default=0.0, lo=0.0, hi=1.0, hi_open=True),
+    _f("gpu.memory_efficiency", "memory_efficiency", "float", "", "achievable share of HBM bandwidth",
+       default=0.7, **_SHARE),
+    _f("gpu.gemm_half_gflop", "gemm_half_flops", "float", "GFLOP",
+       "GEMM size at which a GEMM reaches half of compute_efficiency (0: every GEMM reaches it)",
+       default=0.0, factor=1e9, **_NONNEG),
+    _f("gpu.kernel_overhead_us", "kernel_overhead_us", "float", "us", "fixed cost of one element-wise kernel",
+       default=0.0, **_NONNEG),
     # node
     _f("node.gpus", "gpus", "int", "", "GPUs per node", lo=1),
     _f("node.nvlink_gbs", "nvlink_bytes_per_us", "float", "GB/s", "NVLink bandwidth per GPU, per direction",
@@ -129,6 +137,14 @@ FIELDS: tuple[Field, ...] = (
     # comm
     _f("comm.message_overhead_us", "message_overhead_us", "float", "us",
        "fixed software cost of one message (kernel launch, protocol handshake)", default=5.0, **_NONNEG),
+    _f("comm.buffer_passes", "buffer_passes", "float", "",
+       "times a collective streams its input and output buffers through HBM (at hbm x memory_efficiency)",
+       default=0.0, lo=0.0, hi=20.0),
+    _f("comm.nvls_efficiency", "nvls_efficiency", "float", "",
+       "share of the NVLink-limited rate an in-switch (NVLS) all-reduce reaches", default=1.0, lo=0.0, lo_open=True, hi=2.0),
+    *(_f(f"comm.efficiency.{scope}.{op}", f"{scope}_{op}_efficiency", "float", "",
+         f"share of the link-limited rate a {op} reaches {where}", default=1.0, lo=0.0, lo_open=True, hi=2.0)
+      for scope, where in (("intra", "inside a node"), ("inter", "across nodes")) for op in COLLECTIVE_NAMES),
 )
 
 FIELD_BY_PATH: dict[str, Field] = {f.path: f for f in FIELDS}
@@ -172,6 +188,9 @@ class GPU:
     hbm_bytes_per_us: float
     compute_efficiency: float
     comm_compute_slowdown: float
+    memory_efficiency: float
+    gemm_half_flops: float
+    kernel_overhead_us: float
 
 
 @dataclass(frozen=True)
@@ -205,9 +224,28 @@ class Fabric:
 
 @dataclass(frozen=True)
 class Comm:
-    """Communication software costs."""
+    """Communication software costs and calibrated collective efficiencies (see
+    ``simulator.calibration``)."""
 
     message_overhead_us: float
+    buffer_passes: float
+    nvls_efficiency: float
+    intra_all_reduce_efficiency: float
+    intra_all_gather_efficiency: float
+    intra_reduce_scatter_efficiency: float
+    intra_all_to_all_efficiency: float
+    intra_send_recv_efficiency: float
+    intra_broadcast_efficiency: float
+    inter_all_reduce_efficiency: float
+    inter_all_gather_efficiency: float
+    inter_reduce_scatter_efficiency: float
+    inter_all_to_all_efficiency: float
+    inter_send_recv_efficiency: float
+    inter_broadcast_efficiency: float
+
+    def collective_efficiency(self, op: str, inter_node: bool) -> float:
+        """The calibrated share of the link-limited rate ``op`` reaches inside / across nodes."""
+        return getattr(self, f"{'inter' if inter_node else 'intra'}_{op}_efficiency", 1.0)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "plan",
     "inspect",
     "profiles",
+    "simulate",
+    "calibrate",
 ]
 
 

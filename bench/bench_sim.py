@@ -1,0 +1,166 @@
+"""Simulator benchmark: prints one JSON object (figures the README quotes).
+
+* ``collectives``: per nccl-tests point (../shared/data/nccl-tests-h100, 256 MiB .. 16 GiB, the
+  out-of-place time), the simulator's time with the shipped h100-sxm profile (no fitting) and the
+  relative error (model - measured) / measured; per group the max |error| against the target
+  (one node 15 %, 2 and 10 nodes 20 %). ``collectives_proposed`` repeats the one-node points
+  with the default values this benchmark proposes (``PROPOSALS``).
+* ``scale``: a 512-GPU training step (TP 8 in a node, PP 8 across nodes, DP 8; 1F1B with 64
+  micro-batches; TP all-reduces per micro-batch and stage, a DP all-reduce per stage) simulated
+  with and without symmetry reduction: wall and CPU seconds, events, events per second of the
+  event loop.
+* ``contention``: two flows through one NIC, an all-to-all across two nodes, a 2:1 spine.
+
+Usage: ``python bench/bench_sim.py [--quick]`` (``--quick``: a 128-GPU step instead of 512).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.ir import Edge, Op, Placement, Plan, Workload  # noqa: E402
+from hardware_profiles import build_cluster, load_profile  # noqa: E402
+from simulator.collectives import collective_time  # noqa: E402
+from simulator.simulate import simulate, simulate_collective  # noqa: E402
+from simulator.synthetic import training_step  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "nccl-tests-h100"
+PROPOSALS = {"A": {"node.nvlink_efficiency": 0.73},
+             "B": {"comm.nvls_efficiency": 0.84, "comm.efficiency.intra.send_recv": 0.93}}
+# (group, log, nodes, GPUs per node, collectives compared, target)
+ALL = ("all_reduce", "all_gather", "reduce_scatter", "alltoall", "sendrecv")
+POINTS = [
+    ("1 node x 8", "single_N1_G8_cnode3-002.log", 1, 8, ("all_gather", "reduce_scatter", "all_reduce", "sendrecv"),
+     0.15),
+    ("2 nodes x 1", "pair_N2_G1_cnode3-002_cnode3-003.log", 2, 1, ("alltoall", "sendrecv"), 0.20),
+    ("2 nodes x 1 (smoke)", "smoke_N2_G1_cnode3-002_cnode3-003.log", 2, 1, ("all_reduce", "sendrecv"), 0.20),
+    ("2 nodes x 8", "pair_N2_G8_cnode3-002_cnode3-003.log", 2, 8, ("alltoall", "sendrecv"), 0.20),
+    ("10 nodes x 1", "multi_N10_G1.log", 10, 1, ALL, 0.20),
+    ("10 nodes x 2", "multi_N10_G2.log", 10, 2, ALL, 0.20),
+    ("10 nodes x 4", "multi_N10_G4.log", 10, 4, ALL, 0.20),
+    ("10 nodes x 8", "multi_N10_G8.log", 10, 8, ALL, 0.20),
+]
+
+
+def parse_log(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{collective: [(size bytes, out-of-place time us)]} (a minimal nccl-tests reader)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    op = None
+    for line in path.read_text().splitlines():
+        m = re.search(r"Collective test starting: (\w+)_perf", line)
+        if m:
+            op = m.group(1)
+            continue
+        parts = line.split()
+        if op and len(parts) >= 12 and parts[0].isdigit():
+            out.setdefault(op, []).append((int(parts[0]), float(parts[5])))
+    return out
+
+
+def collective_errors(overrides=None, groups=POINTS) -> dict:
+    prof = load_profile("h100-sxm", overrides=overrides)
+    out = {}
+    for group, log, nodes, g, ops, target in groups:
+        data = parse_log(DATA / log)
+        cl = build_cluster(prof, nodes)
+        ranks = [n * cl.gpus_per_node + k for n in range(nodes) for k in range(g)]
+        rows = {}
+        for op in ops:
+            for size, measured in data.get(op, []):
+                if size < 0.99 * (256 << 20):  # nccl-tests rounds sizes down to a multiple of the ranks
+                    continue
+                model = collective_time(cl, op, size, ranks)
+                rows[f"{op} {size / 2**20:.0f} MiB"] = {"measured_us": measured, "model_us": round(model, 2),
+                                                  "error": round((model - measured) / measured, 4)}
+        worst = max(abs(r["error"]) for r in rows.values())
+        by_op = {op: max(abs(r["error"]) for k, r in rows.items() if k.startswith(op + " ")) for op in ops}
+        out[group] = {"target": target, "max_abs_error": worst, "within_target": worst < target,
+                      "max_abs_error_by_op": by_op, "points": rows}
+    return out
+
+
+def scale_run(tp: int, pp: int, dp: int, m: int) -> dict:
+    cl = build_cluster(load_profile("h100-sxm"), tp * pp * dp // 8)
+    t0 = time.perf_counter()
+    wl, plan = training_step(tp, pp, dp, m, cluster=cl)
+    build_s = time.perf_counter() - t0
+    out = {"gpus": tp * pp * dp, "ops": len(wl), "plan_build_s": round(build_s, 2),
+           "predicted_makespan_us": plan.makespan_us}
+    for sym in (True, False):
+        c0 = time.process_time()
+        res = simulate(plan, wl, cl, symmetry=sym, timeline=False)
+        cpu = time.process_time() - c0
+        out["with_symmetry" if sym else "without_symmetry"] = {
+            "wall_s": round(res.sim_wall_s, 3), "cpu_s": round(cpu, 3), "event_loop_wall_s": round(res.loop_wall_s, 3),
+            "events": res.events, "events_per_s_event_loop": round(res.events_per_s),
+            "events_per_s_event_loop_cpu": round(res.events / res.loop_cpu_s) if res.loop_cpu_s > 0 else None,
+            "events_per_s_overall": round(res.events / res.sim_wall_s), "makespan_us": res.makespan_us,
+            "bubble_ratio": round(res.bubble_ratio, 4), "classes_simulated": res.symmetry["classes"],
+            "gpus_simulated": res.symmetry["gpus_simulated"]}
+    a, b = out["with_symmetry"]["makespan_us"], out["without_symmetry"]["makespan_us"]
+    out["symmetry_makespan_rel_diff"] = abs(a - b) / b
+    return out
+
+
+def _transfers(cl, pairs, nbytes):
+    ops, edges, pl = [], [], {}
+    for i, (a, b) in enumerate(pairs):
+        ops += [Op(f"s{i}", 0.0, devices=(a,)), Op(f"d{i}", 0.0, devices=(b,))]
+        edges.append(Edge(f"s{i}", f"d{i}", nbytes))
+        pl[f"s{i}"], pl[f"d{i}"] = Placement(a, 0.0, 0.0), Placement(b, 0.0, 0.0)
+    wl = Workload("transfers", ops, edges)
+    return simulate(Plan(wl.name, pl, "bench"), wl, cl, symmetry=False)
+
+
+def contention() -> dict:
+    nbytes = 1 << 30
+    cl = build_cluster(load_profile("h100-sxm", overrides={"node.nics": 4}), 2)
+    nic = cl.class_bandwidth("nic")
+    latency = cl.transfer_time(0, 8, nbytes) - nbytes / nic
+    alone = _transfers(cl, [(0, 8)], nbytes).makespan_us - latency
+    both = _transfers(cl, [(0, 8), (1, 9)], nbytes).makespan_us - latency
+    h100 = load_profile("h100-sxm")
+    cl2 = build_cluster(h100, 2)
+    a2a = simulate_collective(cl2, "all_to_all", 4 << 30, range(16))
+    nic_bound = (4 << 30) / 2 / cl2.class_bandwidth("nic") + cl2.transfer_time(0, 8, 1) - 1 / cl2.class_bandwidth("nic")
+
+    def spine(oversub):
+        c = build_cluster(load_profile("h100-sxm", overrides={"fabric.nodes_per_leaf": 1, "fabric.spines": 1,
+                                                              "fabric.oversubscription": oversub}), 2)
+        lat = c.transfer_time(0, 8, nbytes) - nbytes / c.class_bandwidth("nic")
+        return 8 * nbytes / (_transfers(c, [(g, 8 + g) for g in range(8)], nbytes).makespan_us - lat)
+
+    return {"two_flows_one_nic_share_of_nic": alone / both,
+            "all_to_all_2x8_4GiB_us": a2a, "all_to_all_nic_bound_us": nic_bound,
+            "all_to_all_over_nic_bound": a2a / nic_bound,
+            "cross_leaf_throughput_2to1_over_1to1": spine(2.0) / spine(1.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 128-GPU step instead of 512")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    out: dict = {}
+    if DATA.is_dir():
+        out["collectives"] = collective_errors()
+        out["collectives_proposed"] = {name: {"overrides": ov, "groups": collective_errors(ov, POINTS[:1])}
+                                       for name, ov in PROPOSALS.items()}
+    else:
+        out["collectives"] = f"skipped: {DATA} absent"
+    out["contention"] = contention()
+    out["scale"] = scale_run(8, 4, 4, 16) if args.quick else scale_run(8, 8, 8, 64)
+    out["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

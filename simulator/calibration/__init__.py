@@ -1,0 +1,1 @@
+"""Calibration: read measured traces (nccl-tests, vTrain, Kineto) and fit the hardware model to them."""
