@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "inspect",
     "profiles",
     "simulate",
+    "compare",
     "calibrate",
 ]
 
