@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "profiles",
     "simulate",
     "compare",
+    "loop",
+    "whatif",
     "calibrate",
 ]
 

@@ -1,0 +1,64 @@
+"""Simulator-in-the-loop refinement on every scenario in scenarios/: prints one JSON object.
+
+Per scenario: iterations run, whether and why it stopped, simulated makespan of iteration 0 and
+of the best plan (and the ratio), the final predicted-vs-simulated gap, whether the best plan is
+valid and never worse than iteration 0, and the wall time.
+
+    python bench/bench_loop.py [--time-limit S] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.errors import InputError  # noqa: E402
+from engine.loop import refine  # noqa: E402
+from engine.scenario import load_scenario  # noqa: E402
+from engine.validate import validate_plan  # noqa: E402
+
+
+def run(path: Path, time_limit_s: float) -> dict:
+    sc = load_scenario(path)
+    limit = min(float(sc.solver["time_limit_s"]), time_limit_s)
+    t0 = time.perf_counter()
+    res = refine(sc, solver_options={"time_limit_s": limit})
+    wall = time.perf_counter() - t0
+    first, best, last = res.iterations[0], res.iterations[res.best_k], res.iterations[-1]
+    return {
+        "planner": sc.solver["planner"], "time_limit_s": limit, "n_ops": len(sc.workload),
+        "iterations": len(res.iterations), "converged": res.converged, "reason": res.reason,
+        "first_simulated_us": first.simulated_us, "best_simulated_us": best.simulated_us, "best_k": res.best_k,
+        "best_over_first": best.simulated_us / first.simulated_us, "final_gap": last.gap,
+        "best_valid": not validate_plan(res.best_plan, sc.workload, sc.cluster, sc.comm, sc.memory_cap_bytes),
+        "never_worse": best.simulated_us <= first.simulated_us, "wall_s": round(wall, 2),
+        "per_iteration": [{"k": it.k, "predicted_us": it.predicted_us, "simulated_us": it.simulated_us,
+                           "gap": it.gap, "solve_s": round(it.solve_s, 2)} for it in res.iterations],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--time-limit", type=float, default=20.0, help="cap on each MIP solve, seconds")
+    ap.add_argument("--only", nargs="*", help="scenario names (file stems) to run")
+    args = ap.parse_args()
+    out = {"bench": "loop", "time_limit_cap_s": args.time_limit, "scenarios": {}}
+    for path in sorted((ROOT / "scenarios").glob("*.yaml")):
+        if args.only and path.stem not in args.only:
+            continue
+        try:
+            out["scenarios"][path.stem] = run(path, args.time_limit)
+        except InputError as e:
+            out["scenarios"][path.stem] = {"error": str(e)}
+        print(f"{path.stem}: done", file=sys.stderr)
+    print(json.dumps(out, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
