@@ -145,6 +145,14 @@ FIELDS: tuple[Field, ...] = (
     *(_f(f"comm.efficiency.{scope}.{op}", f"{scope}_{op}_efficiency", "float", "",
          f"share of the link-limited rate a {op} reaches {where}", default=1.0, lo=0.0, lo_open=True, hi=2.0)
       for scope, where in (("intra", "inside a node"), ("inter", "across nodes")) for op in COLLECTIVE_NAMES),
+    *(_f(f"comm.efficiency.full_node.{op}", f"full_node_{op}_efficiency", "float", "",
+         f"share of the NIC and PCIe rates a {op} across nodes keeps when its group holds every GPU of each "
+         "of its nodes (all NICs of a node busy at once)", default=1.0, lo=0.0, lo_open=True, hi=2.0)
+      for op in COLLECTIVE_NAMES),
+    *(_f(f"comm.latency.{scope}.{op}", f"{scope}_{op}_latency_us", "float", "us",
+         f"fixed cost of one {op} {where} on top of comm.message_overhead_us (channel set-up, protocol "
+         "ramp-up: the bytes a collective moves before it reaches its full rate)", default=0.0, lo=0.0, hi=1e5)
+      for scope, where in (("intra", "inside a node"), ("inter", "across nodes")) for op in COLLECTIVE_NAMES),
 )
 
 FIELD_BY_PATH: dict[str, Field] = {f.path: f for f in FIELDS}
@@ -242,10 +250,38 @@ class Comm:
     inter_all_to_all_efficiency: float
     inter_send_recv_efficiency: float
     inter_broadcast_efficiency: float
+    full_node_all_reduce_efficiency: float = 1.0
+    full_node_all_gather_efficiency: float = 1.0
+    full_node_reduce_scatter_efficiency: float = 1.0
+    full_node_all_to_all_efficiency: float = 1.0
+    full_node_send_recv_efficiency: float = 1.0
+    full_node_broadcast_efficiency: float = 1.0
+    intra_all_reduce_latency_us: float = 0.0
+    intra_all_gather_latency_us: float = 0.0
+    intra_reduce_scatter_latency_us: float = 0.0
+    intra_all_to_all_latency_us: float = 0.0
+    intra_send_recv_latency_us: float = 0.0
+    intra_broadcast_latency_us: float = 0.0
+    inter_all_reduce_latency_us: float = 0.0
+    inter_all_gather_latency_us: float = 0.0
+    inter_reduce_scatter_latency_us: float = 0.0
+    inter_all_to_all_latency_us: float = 0.0
+    inter_send_recv_latency_us: float = 0.0
+    inter_broadcast_latency_us: float = 0.0
 
     def collective_efficiency(self, op: str, inter_node: bool) -> float:
         """The calibrated share of the link-limited rate ``op`` reaches inside / across nodes."""
         return getattr(self, f"{'inter' if inter_node else 'intra'}_{op}_efficiency", 1.0)
+
+    def full_node_efficiency(self, op: str) -> float:
+        """The calibrated share of the NIC-side (NIC, PCIe) rate ``op`` keeps across nodes when its
+        group holds every GPU of each of its nodes."""
+        return getattr(self, f"full_node_{op}_efficiency", 1.0)
+
+    def collective_latency_us(self, op: str, inter_node: bool) -> float:
+        """The calibrated fixed cost (us) of one ``op`` inside / across nodes, on top of the
+        message overhead."""
+        return getattr(self, f"{'inter' if inter_node else 'intra'}_{op}_latency_us", 0.0)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from engine.errors import InputError
 from engine.ir import COLLECTIVE_OPS
-from simulator.calibration.tuning import tune_phases
+from simulator.calibration.tuning import holds_full_nodes, tune_phases
 
 ALGOS = {
     "all_reduce": ("ring", "tree", "nvls"),
@@ -133,7 +133,11 @@ class CollectivePlanner:
         self.bandwidth = {(u, v): d["bandwidth"] for u, v, d in topo.edges(data=True)}
         self.latency = {(u, v): d["latency_us"] for u, v, d in topo.edges(data=True)}
         self.overhead_us = cluster.profile.comm.message_overhead_us
+        self._classes = {(u, v): d["link_class"] for u, v, d in topo.edges(data=True)}
         self._cache: dict[tuple, CollectivePlan] = {}
+
+    def _link_class(self, link: tuple[str, str]) -> str:
+        return self._classes[link]
 
     def plan(self, op: str, nbytes: int, ranks: Sequence[int], algo: str = "auto") -> CollectivePlan:
         op = normalize_op(op)
@@ -148,9 +152,10 @@ class CollectivePlanner:
         if hit is None:
             name = choose_algo(self.cluster, op, ranks, algo)
             phases = self._phases(op, name, int(nbytes), ranks) if len(ranks) > 1 else ()
-            # calibrated per-collective efficiency and buffer passes (identity when uncalibrated)
+            # calibrated per-collective efficiency, fixed cost and buffer passes (identity when uncalibrated)
             phases = tune_phases(self.cluster.profile, op, name, int(nbytes), ranks,
-                                 len({self.cluster.node_of(g) for g in ranks}) > 1, phases)
+                                 len({self.cluster.node_of(g) for g in ranks}) > 1, phases,
+                                 holds_full_nodes(self.cluster, ranks), self._link_class)
             hit = self._cache[key] = CollectivePlan(op, name, ranks, int(nbytes), tuple(phases), self.overhead_us)
         return hit
 

@@ -11,7 +11,12 @@ trust-region solver. Only parameters the data can identify are free:
   NVLink efficiency (the intra-node all-reduce ``eta`` then stays 1);
 * per-step latencies and ``passes`` only when the points have at least two group sizes (one
   group size cannot tell a per-step latency from the per-message overhead, nor a per-buffer
-  HBM pass from link efficiency); otherwise they keep the given priors.
+  HBM pass from link efficiency); otherwise they keep the given priors;
+* per collective and scope a fixed cost ``fixed`` (us) when the points of that collective have
+  at least two sizes; inside a node the reference collective's stays at its prior (the
+  per-message overhead is its fixed cost), across nodes every collective has its own;
+* per collective the full-node share ``full`` when its across-node points include groups that
+  fill their nodes and groups that do not (otherwise it cannot be told from ``eta``).
 
 A fit that does not converge, or ends worse than it started, is reported as failed and the
 input parameters are kept.
@@ -32,7 +37,8 @@ from simulator.calibration.vtrain import LutRow
 
 REFERENCE_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv", "broadcast")
 BOUNDS = {"eff": (0.02, 1.0), "lat": (0.0, 200.0), "overhead": (0.0, 5000.0), "eta": (0.05, 2.0),
-          "nvls": (0.05, 2.0), "passes": (0.0, 20.0)}
+          "nvls": (0.05, 2.0), "passes": (0.0, 20.0),
+          "fixed": (0.0, 5000.0), "full": (0.05, 2.0)}
 
 
 def points_from_nccl(logs: Iterable[NcclLog], gpus_per_node: int, placement: str = "out-of-place"
@@ -126,9 +132,11 @@ class CollectiveFit:
 
 
 def free_parameters(points: Sequence[CollectivePoint], model: CollectiveModel, fit_latency: bool | None = None,
-                    fit_passes: bool | None = None) -> list[str]:
-    """Names of the parameters the points identify (see the module docstring)."""
-    algos = model.algorithms()
+                    fit_passes: bool | None = None, fit_fixed: bool = True) -> list[str]:
+    """Names of the parameters the points identify (see the module docstring). ``points`` may be
+    a subset (the training points) of the model's."""
+    shape_of = dict(zip(model.points, model._shapes))
+    algos = [shape_of[p].algo for p in points]
     classes = set()
     for sh in model._shapes:
         for ph in sh.phases:
@@ -148,6 +156,16 @@ def free_parameters(points: Sequence[CollectivePoint], model: CollectiveModel, f
         for o in OPS:
             if o in ops and o != ref and not (o == "all_reduce" and nvls_only):
                 names.append(f"eta.{o}.{scope}")
+        if fit_fixed:
+            fixed_ref = next((o for o in REFERENCE_ORDER if o in ops), None)  # its fixed cost is the overhead
+            for o in OPS:
+                sizes_o = {p.size for p in points if p.op == o and p.scope == scope}
+                if len(sizes_o) > 1 and not (scope == "intra" and o == fixed_ref):
+                    names.append(f"fixed.{o}.{scope}")
+    for o in OPS:
+        fills = {shape_of[p].full for p in points if p.op == o and p.scope == "inter"}
+        if fills == {True, False}:
+            names.append(f"full.{o}")
     if "nvls" in algos and any(a != "nvls" for p, a in zip(points, algos) if p.scope == "intra"):
         names.append("nvls")  # NVLS alone cannot tell its share from the NVLink efficiency
     if fit_passes is None:
@@ -166,6 +184,10 @@ def _get(params: CommParams, name: str) -> float:
         return params.lat[rest[0]]
     if kind == "eta":
         return params.eta.get((rest[0], rest[1]), 1.0)
+    if kind == "fixed":
+        return params.fixed.get((rest[0], rest[1]), 0.0)
+    if kind == "full":
+        return params.full.get(rest[0], 1.0)
     return {"overhead": params.overhead_us, "nvls": params.nvls_eff, "passes": params.passes}[kind]
 
 
@@ -180,6 +202,10 @@ def _with(params: CommParams, names: Sequence[str], x: Sequence[float]) -> CommP
             out.lat[rest[0]] = v
         elif kind == "eta":
             out.eta[(rest[0], rest[1])] = v
+        elif kind == "fixed":
+            out.fixed[(rest[0], rest[1])] = v
+        elif kind == "full":
+            out.full[rest[0]] = v
         elif kind == "overhead":
             out.overhead_us = v
         elif kind == "nvls":
@@ -205,7 +231,7 @@ def fit_collectives(profile: Any, points: Sequence[CollectivePoint], train: np.n
     lo = np.array([BOUNDS[n.split(".")[0]][0] for n in names])
     hi = np.array([BOUNDS[n.split(".")[0]][1] for n in names])
     x0 = np.clip([_get(start, n) for n in names], lo + 1e-9, hi - 1e-9)
-    scale = np.maximum(np.abs(x0), [{"lat": 1.0, "overhead": 10.0, "passes": 1.0}.get(n.split(".")[0], 0.1)
+    scale = np.maximum(np.abs(x0), [{"lat": 1.0, "overhead": 10.0, "passes": 1.0, "fixed": 10.0}.get(n.split(".")[0], 0.1)
                                     for n in names])
 
     def residuals(x):

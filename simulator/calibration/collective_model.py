@@ -7,15 +7,20 @@ class's efficiency. This module takes those phases apart once per measured point
 time can be re-evaluated in microseconds for any parameter vector (what a least-squares fit
 needs)::
 
-    t = overhead + sum_phases repeat x latency(lat_c)
+    t = overhead + fixed[op, scope] + sum_phases repeat x latency(lat_c)
         + passes x (input + output bytes) / (hbm x memory_efficiency)
-        + sum_phases repeat x nbytes / (rate(eff_c) x eta[op, scope] x (nvls_eff if nvls))
+        + sum_phases repeat x nbytes / (rate(eff_c x full_c) x eta[op, scope] x (nvls_eff if nvls))
 
 * ``eff_c`` / ``lat_c``: per link class (nvlink, nic, pcie, spine) efficiency and hop latency
   (profile ``node.<c>_efficiency`` / ``node.<c>_latency_us``; ``fabric.*`` for spine);
 * ``overhead``: the per-message software cost (``comm.message_overhead_us``);
 * ``eta[op, scope]``: a per-collective share of the class-limited rate, ``scope`` "intra" for a
   group inside one node, "inter" across nodes; ``nvls_eff``: NVLink SHARP's share;
+* ``full_c``: ``full[op]`` (``comm.efficiency.full_node.<op>``) for the NIC-side classes (nic,
+  pcie) when the group spans nodes and holds every GPU of each of them (all NICs of a node busy
+  at once), else 1;
+* ``fixed[op, scope]``: a per-collective fixed cost in us (``comm.latency.<scope>.<op>``), the
+  ramp-up of a saturating rate ``bw_max size / (size + s_half)`` (``fixed = s_half / bw_max``);
 * ``passes``: how many times the collective's kernels stream its input and output buffers
   through HBM; a cost per byte independent of the group size, so the time per bus byte falls
   with the group size, as measured (A100: busbw 197 GB/s on 2 GPUs, 229 on 8).
@@ -33,7 +38,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from simulator.calibration.tuning import buffer_bytes, buffer_us, collective_scale
+from simulator.calibration.tuning import (NIC_SIDE, buffer_bytes, collective_scale, fixed_us, full_node_share,
+                                         holds_full_nodes)
 
 CLASSES = ("nvlink", "pcie", "nic", "spine")
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv", "broadcast")
@@ -75,6 +81,8 @@ class CommParams:
     eta: dict[tuple[str, str], float] = field(default_factory=dict)
     nvls_eff: float = 1.0
     passes: float = 0.0
+    full: dict[str, float] = field(default_factory=dict)
+    fixed: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, profile: Any) -> "CommParams":
@@ -82,7 +90,9 @@ class CommParams:
                    lat={c: float(profile.get(_LAT_PATH[c])) for c in CLASSES},
                    overhead_us=profile.comm.message_overhead_us,
                    eta={(o, s): profile.comm.collective_efficiency(o, s == "inter") for o in OPS for s in SCOPES},
-                   nvls_eff=profile.comm.nvls_efficiency, passes=profile.comm.buffer_passes)
+                   nvls_eff=profile.comm.nvls_efficiency, passes=profile.comm.buffer_passes,
+                   full={o: getattr(profile.comm, f"full_node_{o}_efficiency", 1.0) for o in OPS},
+                   fixed={(o, s): profile.comm.collective_latency_us(o, s == "inter") for o in OPS for s in SCOPES})
 
     def overrides(self) -> dict[str, Any]:
         """The profile fields (dotted keys, datasheet units) that hold these parameters."""
@@ -95,10 +105,15 @@ class CommParams:
         out["comm.buffer_passes"] = float(self.passes)
         for (op, scope), v in sorted(self.eta.items()):
             out[f"comm.efficiency.{scope}.{op}"] = float(v)
+        for op, v in sorted(self.full.items()):
+            out[f"comm.efficiency.full_node.{op}"] = float(v)
+        for (op, scope), v in sorted(self.fixed.items()):
+            out[f"comm.latency.{scope}.{op}"] = float(v) if v > 1e-9 else 0.0
         return out
 
     def copy(self) -> "CommParams":
-        return replace(self, eff=dict(self.eff), lat=dict(self.lat), eta=dict(self.eta))
+        return replace(self, eff=dict(self.eff), lat=dict(self.lat), eta=dict(self.eta), full=dict(self.full),
+                       fixed=dict(self.fixed))
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,7 @@ class _Shape:
     algo: str
     phases: tuple[_Phase, ...]
     buffer: float                  # input + output buffer bytes on one GPU
+    full: bool = False             # across nodes, holding every GPU of each node
 
 
 class CollectiveModel:
@@ -151,19 +167,21 @@ class CollectiveModel:
         plan = base.plan(p.op, p.size, p.ranks, p.algo)
         bumped = [planner(p.nodes, c).plan(p.op, p.size, p.ranks, p.algo) for c in CLASSES]
         topo = base.cluster.topology
+        full = p.scope == "inter" and holds_full_nodes(base.cluster, p.ranks)
         scale = collective_scale(self.profile, p.op, plan.algo, p.scope == "inter")
-        extra = buffer_us(self.profile, p.op, len(p.ranks), p.size)
+        share = full_node_share(self.profile, p.op, p.scope == "inter", full)  # undone from the NIC-side weights
+        extra = fixed_us(self.profile, p.op, len(p.ranks), p.size, p.scope == "inter")
         phases = []
         for i, ph in enumerate(plan.phases):
             caps = []
             for c in CLASSES:
                 vals = [topo.edges[l]["nominal_bandwidth"] / w for l, w in zip(ph.links, ph.weights)
                         if topo.edges[l]["link_class"] == c]
-                caps.append(min(vals) if vals else math.inf)
+                caps.append(min(vals) / (share if c in NIC_SIDE else 1.0) if vals else math.inf)
             dlat = tuple(b.phases[i].latency_us - ph.latency_us for b in bumped)
             lat0 = ph.latency_us - (extra / ph.repeat if i == 0 else 0.0)
             phases.append(_Phase(ph.repeat, lat0, dlat, ph.nbytes * scale, tuple(caps)))
-        return _Shape(plan.algo, tuple(phases), buffer_bytes(p.op, len(p.ranks), p.size))
+        return _Shape(plan.algo, tuple(phases), buffer_bytes(p.op, len(p.ranks), p.size), full)
 
     def times(self, params: CommParams) -> np.ndarray:
         """Predicted time (us) of every point (the simulator's ``collective_time`` for the
@@ -177,10 +195,11 @@ class CollectiveModel:
                 out[i] = 0.0
                 continue
             scale = params.eta.get((p.op, p.scope), 1.0) * (params.nvls_eff if sh.algo == "nvls" else 1.0)
-            t = params.overhead_us + params.passes * sh.buffer / hbm
+            t = params.overhead_us + params.fixed.get((p.op, p.scope), 0.0) + params.passes * sh.buffer / hbm
+            eff_p = self._effective(params, p, sh, eff)
             for ph in sh.phases:
                 lat = ph.lat0 + sum(a * b for a, b in zip(ph.dlat, dl))
-                rate = min(e * cap for e, cap in zip(eff, ph.cap))
+                rate = min(e * cap for e, cap in zip(eff_p, ph.cap))
                 t += ph.repeat * (lat + (ph.nbytes / (rate * scale) if ph.nbytes > 0 else 0.0))
             out[i] = t
         return out
@@ -192,11 +211,19 @@ class CollectiveModel:
         for p, sh in zip(self.points, self._shapes):
             best, cls = math.inf, None
             for ph in sh.phases:
-                for c, e, cap in zip(CLASSES, eff, ph.cap):
+                for c, e, cap in zip(CLASSES, self._effective(params, p, sh, eff), ph.cap):
                     if e * cap < best:
                         best, cls = e * cap, c
             out.append(cls)
         return out
+
+    @staticmethod
+    def _effective(params: CommParams, p: CollectivePoint, sh: _Shape, eff: list[float]) -> list[float]:
+        """Per class efficiency for point ``p``: NIC-side classes times the full-node share."""
+        if not sh.full:
+            return eff
+        f = params.full.get(p.op, 1.0)
+        return [e * f if c in NIC_SIDE else e for c, e in zip(CLASSES, eff)]
 
     def algorithms(self) -> list[str]:
         return [sh.algo for sh in self._shapes]
