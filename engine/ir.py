@@ -379,3 +379,36 @@ def bubble_us(plan: Plan, workload: Workload, makespan_us: float | None = None) 
     makespan = plan.makespan_us if makespan_us is None else makespan_us
     busy = compute_busy_us(plan, workload)
     return makespan - max(busy.values(), default=0.0)
+
+
+def stream_sequences(plan: Plan, ops: Mapping[str, Op]) -> dict[tuple[int, str], list[str]]:
+    """Per (GPU, stream), the ops it runs in order: ``plan.order`` for the GPU's own ops (stream
+    = op kind), with collectives placed on another GPU of their group merged into that GPU's comm
+    stream by (start, end, id). Assumes every op of ``ops`` is in ``plan.order`` once."""
+    own: dict[tuple[int, str], list[str]] = {}
+    for d in sorted(plan.order):
+        for op_id in plan.order[d]:
+            own.setdefault((d, ops[op_id].kind), []).append(op_id)
+    foreign: dict[tuple[int, str], list[str]] = {}
+    for op_id in sorted(ops):
+        coll = ops[op_id].collective
+        if coll is not None:
+            home = plan.placements[op_id].device
+            for g in sorted(set(coll.group) - {home}):
+                foreign.setdefault((g, "comm"), []).append(op_id)
+
+    def key(o: str) -> tuple[float, float, str]:
+        p = plan.placements[o]
+        return (p.start, p.end, o)
+
+    seqs = dict(own)
+    for k, extra in foreign.items():
+        extra.sort(key=key)
+        merged, i = [], 0
+        for o in own.get(k, []):
+            while i < len(extra) and key(extra[i]) < key(o):
+                merged.append(extra[i])
+                i += 1
+            merged.append(o)
+        seqs[k] = merged + extra[i:]
+    return dict(sorted(seqs.items()))

@@ -27,7 +27,7 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 from engine.errors import InputError
-from engine.ir import Placement, Plan, Transfer, Workload
+from engine.ir import Placement, Plan, Transfer, Workload, stream_sequences
 
 REL_TOL = 1e-6
 
@@ -325,34 +325,11 @@ def _stream_chains(plan: Plan, ops: Mapping[str, Any]) -> dict[tuple[int, str], 
     listed = {o for ids in plan.order.values() for o in ids}
     if listed != set(ops) or sum(len(ids) for ids in plan.order.values()) != len(ops):
         raise InputError(None, "order", "cannot compact: the plan order must list every op exactly once")
-    own: dict[tuple[int, str], list[str]] = {}
     for d in sorted(plan.order):
         for o in plan.order[d]:
             if plan.placements[o].device != d:
                 raise InputError(None, "order", f"cannot compact: order of GPU {d} lists {o}, placed on GPU {plan.placements[o].device}")
-            own.setdefault((d, ops[o].kind), []).append(o)
-    foreign: dict[tuple[int, str], list[str]] = {}
-    for o, op in ops.items():
-        if op.collective is not None:
-            d = plan.placements[o].device
-            for g in sorted(set(op.collective.group) - {d}):
-                foreign.setdefault((g, "comm"), []).append(o)
-
-    def key(o):
-        p = plan.placements[o]
-        return (p.start, p.end, o)
-
-    chains = dict(own)
-    for k, extra in foreign.items():
-        extra.sort(key=key)
-        merged, i = [], 0
-        for o in own.get(k, []):
-            while i < len(extra) and key(extra[i]) < key(o):
-                merged.append(extra[i])
-                i += 1
-            merged.append(o)
-        chains[k] = merged + extra[i:]
-    return chains
+    return stream_sequences(plan, ops)
 
 
 # -- bounds -------------------------------------------------------------------------------------

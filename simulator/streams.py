@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from engine.errors import InputError
 from engine.ir import Plan, Workload
+from engine.ir import stream_sequences as ir_stream_sequences
 
 STREAMS = ("compute", "comm")
 
@@ -71,34 +72,7 @@ def check_plan(plan: Plan, workload: Workload, cluster: Any, ops: Mapping[str, A
 def stream_sequences(plan: Plan, workload: Workload,
                      ops: Mapping[str, Any] | None = None) -> dict[tuple[int, str], list[str]]:
     """Per (GPU, stream), the ops it runs in order (collectives on every GPU of their group)."""
-    ops = workload.ops if ops is None else ops
-    own: dict[tuple[int, str], list[str]] = {}
-    for d in sorted(plan.order):
-        for op_id in plan.order[d]:
-            own.setdefault((d, ops[op_id].kind), []).append(op_id)
-    foreign: dict[tuple[int, str], list[str]] = {}
-    for op_id in sorted(ops):
-        coll = ops[op_id].collective
-        if coll is not None:
-            home = plan.placements[op_id].device
-            for g in sorted(set(coll.group) - {home}):
-                foreign.setdefault((g, "comm"), []).append(op_id)
-
-    def key(o: str):
-        p = plan.placements[o]
-        return (p.start, p.end, o)
-
-    seqs = dict(own)
-    for k, extra in foreign.items():
-        extra.sort(key=key)
-        merged, i = [], 0
-        for o in own.get(k, []):
-            while i < len(extra) and key(extra[i]) < key(o):
-                merged.append(extra[i])
-                i += 1
-            merged.append(o)
-        seqs[k] = merged + extra[i:]
-    return dict(sorted(seqs.items()))
+    return ir_stream_sequences(plan, workload.ops if ops is None else ops)
 
 
 def check_deadlock(workload: Workload, seqs: Mapping[tuple[int, str], list[str]]) -> None:
