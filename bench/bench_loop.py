@@ -4,6 +4,9 @@ Per scenario: iterations run, whether and why it stopped, simulated makespan of 
 of the best plan (and the ratio), the final predicted-vs-simulated gap, whether the best plan is
 valid and never worse than iteration 0, and the wall time.
 
+Then, on the scenarios with contention, the same per update mode (``loop.update``: edge, class,
+both) to show which converges better.
+
     python bench/bench_loop.py [--time-limit S] [--only NAME ...]
 """
 
@@ -24,11 +27,14 @@ from engine.scenario import load_scenario  # noqa: E402
 from engine.validate import validate_plan  # noqa: E402
 
 
-def run(path: Path, time_limit_s: float) -> dict:
+UPDATE_STUDY = ("quickstart", "contention_2node", "moe_branchy")
+
+
+def run(path: Path, time_limit_s: float, update: str | None = None) -> dict:
     sc = load_scenario(path)
     limit = min(float(sc.solver["time_limit_s"]), time_limit_s)
     t0 = time.perf_counter()
-    res = refine(sc, solver_options={"time_limit_s": limit})
+    res = refine(sc, solver_options={"time_limit_s": limit}, update=update)
     wall = time.perf_counter() - t0
     first, best, last = res.iterations[0], res.iterations[res.best_k], res.iterations[-1]
     return {
@@ -57,6 +63,16 @@ def main() -> None:
         except InputError as e:
             out["scenarios"][path.stem] = {"error": str(e)}
         print(f"{path.stem}: done", file=sys.stderr)
+    out["update_modes"] = {}
+    for name in UPDATE_STUDY:
+        if args.only and name not in args.only:
+            continue
+        rows = {}
+        for mode in ("edge", "class", "both"):
+            r = run(ROOT / "scenarios" / f"{name}.yaml", args.time_limit, update=mode)
+            rows[mode] = {k: r[k] for k in ("iterations", "converged", "best_over_first", "final_gap", "wall_s")}
+        out["update_modes"][name] = rows
+        print(f"{name}: update modes done", file=sys.stderr)
     print(json.dumps(out, indent=1, sort_keys=True))
 
 
