@@ -348,7 +348,6 @@ def expand(coarse: Coarse, fine: Instance, sched: Schedule) -> Schedule:
 def solve_coarsened(inst: Instance, target: int, warm: Schedule | None, opts: dict, deadline: float):
     """Coarsen to ``target`` ops, solve (half the time left), expand, polish by window MIPs on
     the fine ops (the rest); returns (Solution, ops after merging)."""
-    from engine.errors import InfeasibleError
     from engine.mip import Solution, solve_instance
     from engine.mip_lns import improve
 
@@ -376,7 +375,9 @@ def solve_coarsened(inst: Instance, target: int, warm: Schedule | None, opts: di
             candidates.append(("coarse", fine))
         meta.update({"coarse_makespan_us": makespan(coarse.inst, csol.sched), "coarse_status": csol.status})
     if not candidates:
-        raise InfeasibleError(None, None, "no plan found for the coarsened instance under the memory caps")
+        # no plan in hand proves nothing: say so, not "infeasible"
+        raise InputError(None, "solver.merge", "no plan found for the coarsened instance under the memory caps within "
+                         "the time limit (not proven infeasible: raise the time limit or use merge none)")
     name, best = min(candidates, key=lambda c: makespan(inst, c[1]))
     before = makespan(inst, best)
     if opts["speedups"].get("lns", True):

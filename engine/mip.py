@@ -98,7 +98,8 @@ def plan_mip(workload: Workload, cluster, comm, *, objective: str = "makespan", 
         first = left * (1 - LNS_RESERVE) if lns else left
         stall = max(STALL_MIN_S, STALL_SHARE * left) if lns else None
         sol, n_after = solve_instance(inst, warm, **{**opts, "time_limit_s": max(0.5, first), "stall_s": stall}), len(inst)
-        if lns and sol.status != "optimal" and deadline - time.perf_counter() > 1.0:
+        stopped_at_gap = sol.gap is not None and sol.gap <= gap
+        if lns and sol.status != "optimal" and not stopped_at_gap and deadline - time.perf_counter() > 1.0:
             from engine.mip_lns import improve
 
             before = makespan(inst, sol.sched)
@@ -155,7 +156,8 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                    solver_options: dict[str, Any] | None = None, stall_s: float | None = None) -> Solution:
     """Build and solve the model of ``inst`` within ``time_limit_s`` (building included); the
     schedule is semi-active, never worse than ``warm`` for the makespan objective. Raises
-    :class:`InfeasibleError` when proven infeasible."""
+    :class:`InfeasibleError` when proven infeasible, :class:`InputError` (field
+    ``solver.time_limit_s``) when the time ran out with no plan at all."""
     t_start = time.perf_counter()
     sp = {**DEFAULT_SPEEDUPS, **(speedups or {})}
     model_inst, warm_m = inst, warm
@@ -188,7 +190,7 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
             per_gib = memory_weight_us_per_gib if memory_weight_us_per_gib is not None else \
                 (warm_span or model_inst.serial_bound()) / max(cap_gib, 1e-9)
             weight = per_gib / GIB
-        if warm_m is not None and sp["tight_big_m"]:
+        if warm_m is not None and sp["warm_start"]:
             horizon = makespan(model_inst, warm_m)  # the best known plan bounds the optimum
             if objective == "weighted":
                 horizon += weight * max(_peak(model_inst, warm_m).values(), default=0)
@@ -202,15 +204,18 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                      threads=threads, progress=progress,
                      solver_options=solver_options, stall_s=stall_s)
     if res.infeasible:
-        from engine.mip_solve import diagnose_infeasible
+        if warm is None:
+            from engine.mip_solve import diagnose_infeasible
 
-        diagnose_infeasible(model_inst, sp, solver, threads, time_limit_s)
+            diagnose_infeasible(model_inst, sp, solver, threads, time_limit_s)
+        # ``warm`` is a valid plan, so "infeasible" is the solver's numerics: keep the plan
+        res.meta["model_infeasible"] = True
     if res.sched is None:
-        if warm is not None and sp["warm_start"]:
+        if warm is not None and (sp["warm_start"] or res.infeasible):
             return Solution(warm, "time_limit", max(lb, res.bound or 0.0), _gap(makespan(inst, warm), max(lb, res.bound or 0.0)),
                             info.n_binaries, "warm_start", meta=res.meta)
-        raise InfeasibleError(None, "solver", f"no feasible plan found within {time_limit_s:g} s "
-                              "(not proven infeasible; raise the time limit or relax the memory cap)")
+        raise InputError(None, "solver.time_limit_s", f"no plan found within the time limit ({time_limit_s:g} s; "
+                         "not proven infeasible: raise the time limit or relax the memory cap)")
     sched = compact_safe(model_inst, res.sched)
     span = makespan(inst, sched)
     bound = max(lb, res.bound if res.bound is not None else 0.0)
@@ -221,9 +226,11 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
     g = _gap(span, bound) if objective == "makespan" else res.gap
     if objective == "makespan" and g is not None and g <= 1e-6:
         status = "optimal"
-    elif status == "optimal" and objective == "makespan" and g is not None and g > max(gap, 1e-4):
-        status = "feasible"
-    return Solution(sched, status, bound, g, info.n_binaries, "solver", res.objective, meta=res.meta)
+    elif status == "optimal" and objective == "makespan" and g is not None and \
+            g * span > info.tie_weight * sum(info.ls) + 1e-6 * span:
+        status = "feasible"  # within the requested gap, not proven optimal
+    return Solution(sched, status, bound, g, info.n_binaries, "solver", res.objective,
+                    meta={**res.meta, "solver_status": res.status})
 
 
 def _gap(span: float, bound: float) -> float:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import random
 import time
 
+from engine.errors import InfeasibleError
 from engine.mip_instance import Instance
 from engine.mip_warm import Schedule, free_arcs, makespan
 
-WINDOW_OPS = 20
+WINDOW_OPS = 20  # ops freed per round at first; grows when rounds prove nothing better, shrinks on time-outs
+MIN_WINDOW, GROW = 8, 1.5
 ROUND_S = 2.0
 
 
@@ -94,19 +96,28 @@ def improve(inst: Instance, sched: Schedule, budget_s: float, opts: dict, size: 
     best, best_key = sched, _key(inst, sched)
     rounds = better = most = 0
     size = min(size, len(inst))
-    sub_opts = {**opts, "progress": None, "speedups": {**opts.get("speedups", {}), "lns": False}}
+    # rounds always start from the current plan (whatever the caller's warm-start switch says)
+    sub_opts = {**opts, "progress": None, "speedups": {**opts.get("speedups", {}), "lns": False, "warm_start": True}}
     lb = inst.lower_bound()
     while size > 0 and time.perf_counter() < deadline - 0.2 and makespan(inst, best) > lb + 1e-6 * max(1.0, lb):
         free = window(inst, best, size, rng)
         sub = freeze_except(inst, best, free)
         left = deadline - time.perf_counter()
-        sol = solve_instance(sub, best, **{**sub_opts, "time_limit_s": max(0.2, min(ROUND_S, left))})
+        try:
+            sol = solve_instance(sub, best, **{**sub_opts, "time_limit_s": max(0.2, min(ROUND_S, left))})
+        except InfeasibleError:  # cannot happen with the plan as warm start; never fatal here
+            rounds += 1
+            continue
         rounds += 1
         most = max(most, sol.n_binaries)
         key = _key(inst, sol.sched)
         if key < best_key:
             best, best_key = sol.sched, key
             better += 1
+        elif sol.meta.get("solver_status") == "optimal":
+            size = min(len(inst), max(size + 1, int(size * GROW)))  # window exhausted: widen it
+        elif sol.meta.get("solver_status") == "time_limit":
+            size = max(MIN_WINDOW, int(size / GROW))
     return best, {"lns_rounds": rounds, "lns_improvements": better, "lns_max_binaries": most}
 
 

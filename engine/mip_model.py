@@ -64,6 +64,9 @@ class Builder:
         n = len(inst)
         lb = inst.lower_bound()
         self.H = max(horizon, lb)
+        # window tests decide only with this margin (us): ES/LS are sums of floats, and a tie
+        # (a free ending exactly at a start) must stay open, not be rounded into "live"
+        self.tol = 1e-9 * max(1.0, self.H)
         if self.sp["tight_big_m"]:
             es, ls = inst.windows(self.H)
         else:
@@ -160,8 +163,8 @@ class Builder:
                 continue
             info.share[(i, j)] = share
             if self.sp["tight_big_m"]:
-                i_first_ok = info.es[i] + inst.pmin(i) <= info.ls[j] + 1e-9
-                j_first_ok = info.es[j] + inst.pmin(j) <= info.ls[i] + 1e-9
+                i_first_ok = info.es[i] + inst.pmin(i) <= info.ls[j] + self.tol
+                j_first_ok = info.es[j] + inst.pmin(j) <= info.ls[i] + self.tol
                 if not j_first_ok and i_first_ok:
                     info.fixed_pairs[(i, j)] = 1
                     continue
@@ -266,8 +269,8 @@ class Builder:
         rel = inst.releasers(a)
         if all(inst.ordered(r, o) or info.ls[r] + inst.pmax(r) <= info.es[o] for r in rel):
             live = False
-        elif any(((r == o or inst.ordered(o, r)) and inst.pmin(r) > 0) or info.es[r] + inst.pmin(r) > info.ls[o]
-                 for r in rel):
+        elif any(((r == o or inst.ordered(o, r)) and inst.pmin(r) > 0) or
+                 info.es[r] + inst.pmin(r) > info.ls[o] + self.tol for r in rel):
             live = True
         else:
             live = None

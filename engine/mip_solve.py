@@ -182,7 +182,7 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
             d = e.data_out
             if d.mip_primal_bound < seen["value"] - 1e-9:
                 seen["value"], seen["since"] = d.mip_primal_bound, d.running_time
-            elif d.running_time - seen["since"] > stall_s:
+            elif math.isfinite(seen["value"]) and d.running_time - seen["since"] > stall_s:
                 e.interrupt()
 
         highs.cbMipInterrupt += on_stall

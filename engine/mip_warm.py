@@ -8,8 +8,9 @@ Two schedule builders, each run with a few priority rules, the best result wins:
 * :func:`eft_schedule` (HEFT-like): ops in priority order, each on the GPU where it finishes
   first, appended after what that stream already runs (memory is checked afterwards).
 
-Priority rules: critical path (longest ``p + tail`` first), earliest head first, and, when ops
-carry pipeline phase tags, "zero-bubble" order (B before F before W, then micro-batch). A
+Priority rules: critical path (longest ``p + tail`` first), earliest head first, ops that free
+memory first, and, when ops carry pipeline phase tags, "zero-bubble" order (B before F before W,
+then micro-batch) and memory-lean order (B, W, F). A
 schedule is ``(device, start)`` lists indexed like the instance; times in us.
 """
 
@@ -21,7 +22,8 @@ from typing import Callable
 from engine.mip_instance import Instance
 
 Schedule = tuple[list[int], list[float]]
-PHASE_RANK = {"B": 0, "F": 1, "W": 2}
+PHASE_RANK = {"B": 0, "F": 1, "W": 2}  # zero-bubble: W fills gaps
+LEAN_RANK = {"B": 0, "W": 1, "F": 2}  # memory-lean: W right after B frees the activation
 
 
 def priority_rules(inst: Instance) -> dict[str, list[tuple]]:
@@ -32,9 +34,16 @@ def priority_rules(inst: Instance) -> dict[str, list[tuple]]:
         "critical_path": [(-(inst.pmin(i) + tail[i]), head[i], i) for i in range(n)],
         "head": [(head[i], -tail[i], i) for i in range(n)],
     }
+    frees = set()
+    for a in range(n):
+        if inst.alloc[a] > 0:
+            frees.update(r for r in inst.releasers(a) if r != a)
+    if frees:  # memory-lean: what frees memory first
+        rules["release_first"] = [(0 if i in frees else 1, -(inst.pmin(i) + tail[i]), i) for i in range(n)]
     if any("phase" in t for t in inst.tags):
-        rules["zero_bubble"] = [(PHASE_RANK.get(inst.tags[i].get("phase"), 3), inst.tags[i].get("microbatch", 0),
-                                 -tail[i], i) for i in range(n)]
+        for name, rank in (("zero_bubble", PHASE_RANK), ("one_f_one_b", LEAN_RANK)):
+            rules[name] = [(rank.get(inst.tags[i].get("phase"), 3), inst.tags[i].get("microbatch", 0), -tail[i], i)
+                           for i in range(n)]
     return rules
 
 

@@ -177,6 +177,14 @@ def test_time_limited_solve_returns_a_valid_plan_and_its_gap():
     assert plan.makespan_us <= plan_heuristic(wl, cl, CommModel(cl)).makespan_us + 1e-6
 
 
+def test_relative_gap_stops_the_solve_early():
+    wl = layered(40, 4, 2)
+    plan = solve(wl, FakeCluster(4), time_limit_s=10.0, gap=0.5)
+    assert plan.status == "feasible"
+    assert plan.mip_gap <= 0.5
+    assert plan.solve_s < 5.0
+
+
 def test_warm_start_plan_is_taken_and_never_beaten_backwards():
     wl = unit_pipeline(3, 4)
     cl = FakeCluster(3)
