@@ -3,8 +3,7 @@
 * ``collectives``: per nccl-tests point (../shared/data/nccl-tests-h100, 256 MiB .. 16 GiB, the
   out-of-place time), the simulator's time with the shipped h100-sxm profile (no fitting) and the
   relative error (model - measured) / measured; per group the max |error| against the target
-  (one node 15 %, 2 and 10 nodes 20 %). ``collectives_proposed`` repeats the one-node points
-  with the default values this benchmark proposes (``PROPOSALS``).
+  (one node 15 %, 2 and 10 nodes 20 %).
 * ``scale``: a 512-GPU training step (TP 8 in a node, PP 8 across nodes, DP 8; 1F1B with 64
   micro-batches; TP all-reduces per micro-batch and stage, a DP all-reduce per stage) simulated
   with and without symmetry reduction: wall and CPU seconds, events, events per second of the
@@ -33,8 +32,6 @@ from simulator.simulate import simulate, simulate_collective  # noqa: E402
 from simulator.synthetic import training_step  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nccl-tests-h100"
-PROPOSALS = {"A": {"node.nvlink_efficiency": 0.73},
-             "B": {"comm.nvls_efficiency": 0.84, "comm.efficiency.intra.send_recv": 0.93}}
 # (group, log, nodes, GPUs per node, collectives compared, target)
 ALL = ("all_reduce", "all_gather", "reduce_scatter", "alltoall", "sendrecv")
 POINTS = [
@@ -152,8 +149,6 @@ def main() -> None:
     out: dict = {}
     if DATA.is_dir():
         out["collectives"] = collective_errors()
-        out["collectives_proposed"] = {name: {"overrides": ov, "groups": collective_errors(ov, POINTS[:1])}
-                                       for name, ov in PROPOSALS.items()}
     else:
         out["collectives"] = f"skipped: {DATA} absent"
     out["contention"] = contention()

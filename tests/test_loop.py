@@ -153,3 +153,16 @@ def test_whatif_ctrl_c_leaves_valid_partial_file_and_resumes(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert json.loads(results.read_text())["done"] == 6
+
+
+def test_loop_writes_trace_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    trace, plot = tmp_path / "t.json", tmp_path / "p.png"
+    res = CliRunner().invoke(main, ["loop", str(SCENARIOS / "quickstart.yaml"), "--trace", str(trace),
+                                    "--plot", str(plot)])
+    assert res.exit_code == 0, res.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = json.loads(trace.read_text())["traceEvents"]
+    # the best plan keeps the 4 experts local: every op on GPUs 0-3
+    assert {e["name"] for e in events if e["ph"] == "X"} >= {f"expert{i}" for i in range(4)}
+    assert all(e["pid"] in (0, 1, 2, 3) for e in events if e["ph"] == "X" and e["name"].startswith("expert"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path
         save_results(results, scenario.name, rows, len(combos))
 
     try:
-        with click.progressbar(length=len(todo), label="what-if", file=click.get_text_stream("stderr")) as bar:
+        with click.progressbar(length=len(todo), label="what-if", file=sys.stderr) as bar:
             if jobs == 1:
                 for combo, r in todo:
                     finish(combo, run_one(r, str(scenario), no_solve, solver_options))
