@@ -201,9 +201,6 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
         if console is not None:
             console.__exit__(None, None, None)
     meta["warm_start_accepted"] = "MIP start solution is feasible" in (res.solver_log or "")
-    if os.environ.get("PLANSIM_HIGHS_LOG"):
-        with open(os.environ["PLANSIM_HIGHS_LOG"], "a", encoding="utf-8") as fh:
-            fh.write(res.solver_log or "")
     tc = res.termination_condition
     if tc in (TerminationCondition.provenInfeasible, TerminationCondition.infeasibleOrUnbounded):
         return RawResult(None, "infeasible", None, None, infeasible=True, meta=meta)
