@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from hardware_profiles import build_cluster, load_profile  # noqa: E402
 from simulator.collectives import collective_time  # noqa: E402
 from simulator.simulate import simulate, simulate_collective  # noqa: E402
 from simulator.synthetic import training_step  # noqa: E402
+from simulator.calibration.nccl_tests import PERF_NAMES, out_of_place_times  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nccl-tests-h100"
 # (group, log, nodes, GPUs per node, collectives compared, target)
@@ -47,31 +47,16 @@ POINTS = [
 ]
 
 
-def parse_log(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{collective: [(size bytes, out-of-place time us)]} (a minimal nccl-tests reader)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    op = None
-    for line in path.read_text().splitlines():
-        m = re.search(r"Collective test starting: (\w+)_perf", line)
-        if m:
-            op = m.group(1)
-            continue
-        parts = line.split()
-        if op and len(parts) >= 12 and parts[0].isdigit():
-            out.setdefault(op, []).append((int(parts[0]), float(parts[5])))
-    return out
-
-
 def collective_errors(overrides=None, groups=POINTS) -> dict:
     prof = load_profile("h100-sxm", overrides=overrides)
     out = {}
     for group, log, nodes, g, ops, target in groups:
-        data = parse_log(DATA / log)
+        data = out_of_place_times(DATA / log)
         cl = build_cluster(prof, nodes)
         ranks = [n * cl.gpus_per_node + k for n in range(nodes) for k in range(g)]
         rows = {}
         for op in ops:
-            for size, measured in data.get(op, []):
+            for size, measured in data.get(PERF_NAMES.get(op, op), []):
                 if size < 0.99 * (256 << 20):  # nccl-tests rounds sizes down to a multiple of the ranks
                     continue
                 model = collective_time(cl, op, size, ranks)

@@ -1,7 +1,6 @@
 """Collectives: the flow simulation agrees with the closed form, the algorithms move the bytes NCCL
 moves, and the times match nccl-tests on H100 (shared/data/nccl-tests-h100)."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from engine.errors import InputError
 from hardware_profiles import build_cluster, load_profile
 from simulator.collectives import CollectivePlanner, bus_factor, collective_time
 from simulator.simulate import simulate_collective
+from simulator.calibration.nccl_tests import PERF_NAMES, out_of_place_times
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nccl-tests-h100"
 GIB = 1 << 30
@@ -103,27 +103,13 @@ def test_bad_collectives_are_input_errors(h100):
 
 # -- against measurement ---------------------------------------------------------------------------
 
-def parse_nccl_tests(path):
-    """{op: [(size bytes, out-of-place time us)]} from an nccl-tests log."""
-    out, op = {}, None
-    for line in path.read_text().splitlines():
-        m = re.search(r"Collective test starting: (\w+)_perf", line)
-        if m:
-            op = m.group(1)
-            continue
-        parts = line.split()
-        if op and len(parts) >= 12 and parts[0].isdigit():
-            out.setdefault(op, []).append((int(parts[0]), float(parts[5])))
-    return out
-
-
 def errors(profile, log, nodes, g, ops, lo=256 << 20):
     """Relative error (model - measured) / measured per (op, size) with size >= lo."""
     cl = build_cluster(profile, nodes)
-    data = parse_nccl_tests(DATA / log)
+    data = out_of_place_times(DATA / log)
     out = {}
     for op in ops:
-        for size, t in data[op]:
+        for size, t in data[PERF_NAMES.get(op, op)]:
             if size >= 0.99 * lo:  # nccl-tests rounds sizes down to a multiple of the ranks
                 out[(op, size)] = (collective_time(cl, op, size, ranks(nodes, g)) - t) / t
     return out

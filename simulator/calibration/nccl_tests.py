@@ -119,6 +119,15 @@ class NcclLog:
         return sorted({t.collective for t in self.tests})
 
 
+def out_of_place_times(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``{collective: [(size bytes, out-of-place time us)]}`` of a log, collectives named as in
+    :data:`PERF_NAMES` (``sendrecv`` -> ``send_recv``)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in read_nccl_tests(path).rows:
+        out.setdefault(row.collective, []).append((row.size, row.out_of_place.time_us))
+    return out
+
+
 def bus_factor(collective: str, ranks: int) -> float:
     """nccl-tests' busbw / algbw factor (doc/PERFORMANCE.md)."""
     if collective == "all_reduce":
