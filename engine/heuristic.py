@@ -35,7 +35,7 @@ from typing import Any
 
 from engine.commtable import DelayTable
 from engine.errors import InfeasibleError
-from engine.ir import Placement, Plan, Transfer, Workload
+from engine.ir import Placement, Plan, Transfer, Workload, topological_indices
 from engine.memtimeline import MemoryTimeline
 from engine.validate import memory_caps
 
@@ -76,22 +76,8 @@ def _indexed(workload: Workload) -> tuple[list[str], list[Any], list[tuple[int, 
     by_id = sorted(graph.nodes)
     pos = {o: k for k, o in enumerate(by_id)}
     n = len(by_id)
-    out: list[list[int]] = [[] for _ in range(n)]
-    indeg = [0] * n
     raw = [(pos[u], pos[v], b) for u, v, b in graph.edges(data="bytes")]
-    for u, v, _ in raw:
-        out[u].append(v)
-        indeg[v] += 1
-    heap = [k for k in range(n) if indeg[k] == 0]
-    heapq.heapify(heap)
-    topo = []
-    while heap:
-        u = heapq.heappop(heap)
-        topo.append(u)
-        for v in out[u]:
-            indeg[v] -= 1
-            if indeg[v] == 0:
-                heapq.heappush(heap, v)
+    topo = topological_indices(n, ((u, v) for u, v, _ in raw))
     rank_of = [0] * n
     for i, k in enumerate(topo):
         rank_of[k] = i

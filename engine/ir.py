@@ -19,6 +19,7 @@ its group at once; its plan device is the group's first GPU.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -412,3 +413,26 @@ def stream_sequences(plan: Plan, ops: Mapping[str, Op]) -> dict[tuple[int, str],
             merged.append(o)
         seqs[k] = merged + extra[i:]
     return dict(sorted(seqs.items()))
+
+
+def topological_indices(n: int, arcs: Iterable[tuple[int, int]]) -> list[int]:
+    """Topological order of nodes ``0..n-1`` under ``arcs`` (i before j), smallest ready index
+    first (Kahn's algorithm with a heap). Raises ``ValueError`` on a cycle."""
+    succ: list[list[int]] = [[] for _ in range(n)]
+    indeg = [0] * n
+    for i, j in arcs:
+        succ[i].append(j)
+        indeg[j] += 1
+    heap = [i for i in range(n) if indeg[i] == 0]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        i = heapq.heappop(heap)
+        out.append(i)
+        for j in succ[i]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                heapq.heappush(heap, j)
+    if len(out) != n:
+        raise ValueError("the arcs create a cycle")
+    return out

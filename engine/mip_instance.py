@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from engine.ir import topological_indices
+
 STREAMS = ("compute", "comm")
 
 
@@ -160,27 +162,7 @@ class Instance:
     def topo(self) -> list[int]:
         """A topological order of the arcs (ties by index)."""
         if "topo" not in self._cache:
-            import heapq
-
-            n = len(self.ids)
-            indeg = [0] * n
-            succ: list[list[int]] = [[] for _ in range(n)]
-            for i, j in self.arcs():
-                succ[i].append(j)
-                indeg[j] += 1
-            heap = [i for i in range(n) if indeg[i] == 0]
-            heapq.heapify(heap)
-            out = []
-            while heap:
-                i = heapq.heappop(heap)
-                out.append(i)
-                for j in succ[i]:
-                    indeg[j] -= 1
-                    if indeg[j] == 0:
-                        heapq.heappush(heap, j)
-            if len(out) != n:
-                raise ValueError("order arcs create a cycle")
-            self._cache["topo"] = out
+            self._cache["topo"] = topological_indices(len(self.ids), self.arcs())
         return self._cache["topo"]
 
     def preds(self) -> list[list[int]]:

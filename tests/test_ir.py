@@ -79,3 +79,11 @@ def test_bubble_is_makespan_minus_busiest_compute():
     wl = Workload(ops=[Op("a", 4), Op("b", 2), Op("c", 5, kind="comm")])
     plan = Plan("w", {"a": Placement(0, 0, 4), "b": Placement(1, 4, 6), "c": Placement(1, 0, 5)}, "x")
     assert bubble_us(plan, wl) == 6 - 4
+
+
+def test_topological_indices_smallest_ready_first_and_cycles_refused():
+    from engine.ir import topological_indices
+
+    assert topological_indices(4, [(3, 0), (2, 1)]) == [2, 1, 3, 0]
+    with pytest.raises(ValueError, match="cycle"):
+        topological_indices(2, [(0, 1), (1, 0)])
