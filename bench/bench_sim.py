@@ -24,10 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.ir import Edge, Op, Placement, Plan, Workload  # noqa: E402
 from hardware_profiles import build_cluster, load_profile  # noqa: E402
 from simulator.collectives import collective_time  # noqa: E402
-from simulator.simulate import simulate, simulate_collective  # noqa: E402
+from simulator.simulate import simulate, simulate_collective, simulate_transfers  # noqa: E402
 from simulator.synthetic import training_step  # noqa: E402
 from simulator.calibration.nccl_tests import PERF_NAMES, out_of_place_times  # noqa: E402
 
@@ -92,23 +91,13 @@ def scale_run(tp: int, pp: int, dp: int, m: int) -> dict:
     return out
 
 
-def _transfers(cl, pairs, nbytes):
-    ops, edges, pl = [], [], {}
-    for i, (a, b) in enumerate(pairs):
-        ops += [Op(f"s{i}", 0.0, devices=(a,)), Op(f"d{i}", 0.0, devices=(b,))]
-        edges.append(Edge(f"s{i}", f"d{i}", nbytes))
-        pl[f"s{i}"], pl[f"d{i}"] = Placement(a, 0.0, 0.0), Placement(b, 0.0, 0.0)
-    wl = Workload("transfers", ops, edges)
-    return simulate(Plan(wl.name, pl, "bench"), wl, cl, symmetry=False)
-
-
 def contention() -> dict:
     nbytes = 1 << 30
     cl = build_cluster(load_profile("h100-sxm", overrides={"node.nics": 4}), 2)
     nic = cl.class_bandwidth("nic")
     latency = cl.transfer_time(0, 8, nbytes) - nbytes / nic
-    alone = _transfers(cl, [(0, 8)], nbytes).makespan_us - latency
-    both = _transfers(cl, [(0, 8), (1, 9)], nbytes).makespan_us - latency
+    alone = simulate_transfers(cl, [(0, 8)], nbytes).makespan_us - latency
+    both = simulate_transfers(cl, [(0, 8), (1, 9)], nbytes).makespan_us - latency
     h100 = load_profile("h100-sxm")
     cl2 = build_cluster(h100, 2)
     a2a = simulate_collective(cl2, "all_to_all", 4 << 30, range(16))
@@ -118,7 +107,7 @@ def contention() -> dict:
         c = build_cluster(load_profile("h100-sxm", overrides={"fabric.nodes_per_leaf": 1, "fabric.spines": 1,
                                                               "fabric.oversubscription": oversub}), 2)
         lat = c.transfer_time(0, 8, nbytes) - nbytes / c.class_bandwidth("nic")
-        return 8 * nbytes / (_transfers(c, [(g, 8 + g) for g in range(8)], nbytes).makespan_us - lat)
+        return 8 * nbytes / (simulate_transfers(c, [(g, 8 + g) for g in range(8)], nbytes).makespan_us - lat)
 
     return {"two_flows_one_nic_share_of_nic": alone / both,
             "all_to_all_2x8_4GiB_us": a2a, "all_to_all_nic_bound_us": nic_bound,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InputError
-from engine.ir import Plan, Workload
+from engine.ir import Edge, Op, Placement, Plan, Workload
 from simulator.collectives import CollectivePlanner
 from simulator.engine import Engine
 from simulator.gpu import SimulationOOM, memory_profile
@@ -152,3 +152,15 @@ def simulate_collective(cluster: Any, op: str, nbytes: int, ranks, algo: str = "
     wl = Workload(name=f"{name}-{nbytes}", ops=[coll])
     plan = Plan(wl.name, {"collective": Placement(ranks[0], 0.0, 0.0)}, "collective", status="schedule")
     return simulate(plan, wl, cluster, mode=mode, symmetry=False, timeline=False).makespan_us
+
+
+def simulate_transfers(cluster: Any, pairs, nbytes: int) -> SimResult:
+    """Simulate one ``nbytes`` transfer per (source GPU, destination GPU) pair, all starting at
+    time 0 (zero-length ops at each end): what concurrent point-to-point traffic gets."""
+    ops, edges, placements = [], [], {}
+    for i, (a, b) in enumerate(pairs):
+        ops += [Op(f"s{i}", 0.0, devices=(a,)), Op(f"d{i}", 0.0, devices=(b,))]
+        edges.append(Edge(f"s{i}", f"d{i}", int(nbytes)))
+        placements[f"s{i}"], placements[f"d{i}"] = Placement(a, 0.0, 0.0), Placement(b, 0.0, 0.0)
+    wl = Workload("transfers", ops, edges)
+    return simulate(Plan(wl.name, placements, "transfers"), wl, cluster, symmetry=False)

@@ -3,10 +3,9 @@
 import pytest
 import simpy
 
-from engine.ir import Edge, Op, Placement, Plan, Workload
 from hardware_profiles import build_cluster, load_profile
 from simulator.network import Network
-from simulator.simulate import simulate
+from simulator.simulate import simulate_transfers
 
 
 def run_flows(caps, flows):
@@ -57,24 +56,13 @@ def test_unrelated_flows_leave_a_flow_exactly_on_time():
     assert done[0] == nbytes / cap
 
 
-def _two_transfers(cluster, pairs, nbytes):
-    """One zero-length op per endpoint and an edge of ``nbytes`` per (src GPU, dst GPU) pair."""
-    ops, edges, pl = [], [], {}
-    for i, (a, b) in enumerate(pairs):
-        ops += [Op(f"s{i}", 0.0, devices=(a,)), Op(f"d{i}", 0.0, devices=(b,))]
-        edges.append(Edge(f"s{i}", f"d{i}", nbytes))
-        pl[f"s{i}"], pl[f"d{i}"] = Placement(a, 0.0, 0.0), Placement(b, 0.0, 0.0)
-    wl = Workload("transfers", ops, edges)
-    return simulate(Plan(wl.name, pl, "test"), wl, cluster, symmetry=False)
-
-
 def test_two_flows_through_one_nic_each_get_half_its_bandwidth():
     # 4 NICs per node: GPUs 0 and 1 send through nic0.0, GPUs 8 and 9 receive through nic1.0
     cl = build_cluster(load_profile("h100-sxm", overrides={"node.nics": 4}), 2)
     nic = cl.class_bandwidth("nic")
     nbytes = 1 << 30
-    alone = _two_transfers(cl, [(0, 8)], nbytes)
-    both = _two_transfers(cl, [(0, 8), (1, 9)], nbytes)
+    alone = simulate_transfers(cl, [(0, 8)], nbytes)
+    both = simulate_transfers(cl, [(0, 8), (1, 9)], nbytes)
     t_alone = alone.edges["s0->d0"]["observed_us"]
     assert t_alone == pytest.approx(cl.transfer_time(0, 8, nbytes), rel=1e-12)
     latency = t_alone - nbytes / nic
@@ -83,7 +71,7 @@ def test_two_flows_through_one_nic_each_get_half_its_bandwidth():
         assert e["modelled_us"] == pytest.approx(t_alone, rel=1e-12)
     assert both.links["nic0.0->leaf0"]["utilization"] == pytest.approx(2 * nbytes / (nic * both.makespan_us))
     # GPUs on different NICs do not share: each transfer is as fast as alone
-    apart = _two_transfers(cl, [(0, 8), (2, 10)], nbytes)
+    apart = simulate_transfers(cl, [(0, 8), (2, 10)], nbytes)
     assert apart.makespan_us == pytest.approx(alone.makespan_us, rel=1e-12)
 
 
@@ -91,7 +79,7 @@ def test_oversubscribed_spine_halves_cross_leaf_throughput():
     def makespan(oversub):
         cl = build_cluster(load_profile("h100-sxm", overrides={
             "fabric.nodes_per_leaf": 1, "fabric.spines": 1, "fabric.oversubscription": oversub}), 2)
-        res = _two_transfers(cl, [(g, 8 + g) for g in range(8)], 1 << 30)
+        res = simulate_transfers(cl, [(g, 8 + g) for g in range(8)], 1 << 30)
         return res.makespan_us - (cl.transfer_time(0, 8, 1 << 30) - (1 << 30) / cl.class_bandwidth("nic"))
 
     full, half = makespan(1.0), makespan(2.0)
