@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -123,6 +124,21 @@ def _finite(v: float) -> float | None:
     return float(v) if v is not None and math.isfinite(v) and abs(v) < 1e29 else None
 
 
+# HiGHS logs the first when it keeps a MIP start, the second alone when presolve solves the model
+WARM_ACCEPTED = re.compile(r"MIP start solution is feasible|Assessing feasibility of MIP solution[^\n]*: feasible")
+_scheduler_threads: list[int] = []  # the thread count HiGHS's process-wide scheduler was started with
+
+
+def _use_threads(threads: int) -> None:
+    """HiGHS starts one scheduler per process with the first solve's thread count and refuses
+    (no solve at all) a later solve that asks for another count: restart it when the count changes."""
+    import highspy
+
+    if _scheduler_threads and _scheduler_threads[0] != threads:
+        highspy.Highs.resetGlobalScheduler(True)
+    _scheduler_threads[:] = [threads]
+
+
 def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap: float, threads: int,
                progress: Callable | None, options: dict[str, Any] | None = None,
                stall_s: float | None = None) -> RawResult:
@@ -130,6 +146,7 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
     from pyomo.contrib.solver.common.results import SolutionStatus, TerminationCondition
 
     m, info = builder.m, builder.info
+    _use_threads(int(threads))
     opt = SolverFactory("highs")
     opt.set_instance(m)
     highs = opt._solver_model  # the highspy.Highs the interface wraps
@@ -200,7 +217,7 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
         quiet.setLevel(level)
         if console is not None:
             console.__exit__(None, None, None)
-    meta["warm_start_accepted"] = "MIP start solution is feasible" in (res.solver_log or "")
+    meta["warm_start_accepted"] = bool(WARM_ACCEPTED.search(res.solver_log or ""))
     tc = res.termination_condition
     if tc in (TerminationCondition.provenInfeasible, TerminationCondition.infeasibleOrUnbounded):
         return RawResult(None, "infeasible", None, None, infeasible=True, meta=meta)

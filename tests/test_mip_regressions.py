@@ -108,3 +108,15 @@ def test_solver_infeasible_despite_a_valid_warm_start_keeps_the_plan(monkeypatch
     assert sol.sched == warm and sol.source == "warm_start" and sol.meta["model_infeasible"]
     with pytest.raises(InfeasibleError):  # no plan in hand: the diagnosis runs (and names memory)
         solve_instance(tie_instance(), None, time_limit_s=1, threads=1)
+
+
+def test_a_solve_with_another_thread_count_still_solves():
+    """HiGHS keeps one scheduler per process, started with the first solve's thread count, and
+    refuses a later solve with another count: the solver then returned nothing and the plan was
+    the warm start, labelled ``time_limit``. Each solve must reach the solver and prove 27."""
+    wl = build_pipeline(4, 8, times_us={"F": 1000.0, "B": 1000.0, "W": 1000.0})
+    cluster = FakeCluster(4)
+    comm = CommModel(cluster)
+    for threads in (2, 1, 2):
+        plan = plan_mip(wl, cluster, comm, time_limit_s=20, threads=threads)
+        assert (plan.status, plan.makespan_us, plan.meta["source"]) == ("optimal", 27000.0, "solver"), threads
