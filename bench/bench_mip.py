@@ -17,6 +17,9 @@ with each speed-up switched off (:data:`ABLATE`), also "cold" (no warm start) fo
 (bench/reference_optimum.py, CP-SAT; needs ``pip install '.[reference]'``): the MIP's own bound
 there is the load bound, which its relaxation does not raise. Without OR-Tools the record says so.
 
+``nic_capacity``: the MIP with and without NIC capacity (:mod:`engine.mip_nic`) on the
+quickstart and contention_2node scenarios, predicted against simulated makespan.
+
 Run: ``python bench/bench_mip.py [--quick] [--only NAME]``.
 """
 
@@ -175,10 +178,39 @@ def main(argv=None) -> None:
                     offs = base + (() if off == "none" else (off,))
                     records.append(run(spec, offs, limit))
                     print(json.dumps(records[-1], sort_keys=True), file=sys.stderr)
-    text = json.dumps({"bench": "mip", "records": records}, indent=1, sort_keys=True)
+    text = json.dumps({"bench": "mip", "records": records, "nic_capacity": nic_capacity_runs(args)}, indent=1,
+                      sort_keys=True)
     print(text)
     if args.output:
         write_atomic(args.output, text + "\n")
+
+
+def nic_capacity_runs(args, threads: int = 2) -> list[dict] | None:
+    """The MIP with and without NIC capacity on the two one-NIC-per-node scenarios (20 s, 10 s
+    with --quick): predicted and simulated makespan (us), binaries, solve time (s). Skipped by
+    --ablation-only and by an --only that does not name "nic"."""
+    if args.ablation_only or (args.only and args.only not in "nic_capacity"):
+        return None
+    from engine.mip import plan_mip_scenario
+    from engine.scenario import load_scenario
+    from simulator.simulate import simulate
+
+    out = []
+    for name in ("quickstart", "contention_2node"):
+        sc = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / f"{name}.yaml")
+        sim_opts = sc.simulator
+        for on in (False, True):
+            plan = plan_mip_scenario(sc, {**sc.solver, "threads": threads, "time_limit_s": 10 if args.quick else 20,
+                                          "nic_capacity": on})
+            sim = simulate(plan, sc.workload, sc.cluster, seed=sc.seed, jitter=sim_opts["jitter"], mode=sim_opts["mode"],
+                           allow_oom=sim_opts["allow_oom"], symmetry=sim_opts["symmetry"],
+                           comm_compute_slowdown=sim_opts["comm_compute_slowdown"], timeline=False)
+            out.append({"scenario": name, "nic_capacity": on, "predicted_makespan_us": plan.makespan_us,
+                        "simulated_makespan_us": sim.makespan_us, "status": plan.status,
+                        "n_binaries": plan.meta.get("n_binaries"), "nic_binaries": plan.meta.get("nic_binaries", 0),
+                        "solve_s": round(plan.solve_s, 3)})
+            print(json.dumps(out[-1], sort_keys=True), file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def plan_mip(workload: Workload, cluster, comm, *, objective: str = "makespan", 
              gap: float = 0.0, solver: str = "highs", threads: int = 2, warm_start: Plan | None = None,
              memory_cap: int | None = None, merge: str | int = "none", speedups: dict[str, bool] | None = None,
              progress: Progress | None = None, makespan_bound_us: float | None = None,
-             memory_weight_us_per_gib: float | None = None, solver_options: dict[str, Any] | None = None) -> Plan:
+             memory_weight_us_per_gib: float | None = None, solver_options: dict[str, Any] | None = None,
+             nic_capacity: bool = False) -> Plan:
     """Plan ``workload`` on ``cluster`` by MIP (times in us).
 
     ``objective``: ``makespan``; ``min_peak_memory`` (the largest per-GPU peak, bytes, subject to
@@ -67,8 +68,11 @@ def plan_mip(workload: Workload, cluster, comm, *, objective: str = "makespan", 
     makespan per GiB of cap, so both terms count alike). ``merge``: ``"none"``, ``"auto"`` or a
     target op count for coarsening. ``speedups``: switches (see
     :data:`engine.mip_model.DEFAULT_SPEEDUPS`) to measure what each buys. ``progress(elapsed_s,
-    incumbent, bound)`` is called while the solver runs. Raises :class:`InfeasibleError` (one
-    line naming the constraint family) when no plan exists.
+    incumbent, bound)`` is called while the solver runs. ``nic_capacity``: transfers across
+    nodes become tasks that cannot overlap on one NIC direction (:mod:`engine.mip_nic`; the full
+    model only: no coarsening, no window MIPs); the plan's ``transfers`` then carry the model's
+    transfer starts. Raises :class:`InfeasibleError` (one line naming the constraint family)
+    when no plan exists.
     """
     t0 = time.perf_counter()
     if objective not in OBJECTIVES:
@@ -79,25 +83,33 @@ def plan_mip(workload: Workload, cluster, comm, *, objective: str = "makespan", 
         raise InputError(None, "speedups", f"unknown switch {sorted(unknown)[0]!r}; known: {', '.join(DEFAULT_SPEEDUPS)}")
     inst = Instance.from_workload(workload, cluster, comm, memory_cap)
     diagnose_static(inst, workload)
+    nic = None
+    if nic_capacity:
+        from engine.mip_nic import nic_tasks
+
+        nic = nic_tasks(inst, workload, cluster) or None  # None: no transfer can cross nodes
     opts = dict(objective=objective, time_limit_s=float(time_limit_s), gap=float(gap), solver=solver,
                 threads=int(threads), speedups=sp, progress=progress, makespan_bound=makespan_bound_us,
                 memory_weight_us_per_gib=memory_weight_us_per_gib, solver_options=solver_options)
 
-    warm_name, warm = choose_warm_start(inst, workload, cluster, comm, warm_start, memory_cap)
     from engine.coarsen import resolve_merge, solve_coarsened
 
-    deadline = t0 + float(time_limit_s)
     target = resolve_merge(merge, inst)
     if objective != "makespan":
         target = None  # coarsening and its polish serve the makespan objective only
-    lns = sp["lns"] and objective == "makespan"
+    if nic is not None and target is not None and target < len(inst):
+        raise InputError(None, "solver.merge", "coarsening does not model NIC capacity: use merge none with nic_capacity")
+    warm_name, warm = choose_warm_start(inst, workload, cluster, comm, warm_start, memory_cap, nic)
+    deadline = t0 + float(time_limit_s)
+    lns = sp["lns"] and objective == "makespan" and nic is None
     if target is not None and target < len(inst):
         sol, n_after = solve_coarsened(inst, target, warm, opts, deadline)
     else:
         left = deadline - time.perf_counter()
         first = left * (1 - LNS_RESERVE) if lns else left
         stall = max(STALL_MIN_S, STALL_SHARE * left) if lns else None
-        sol, n_after = solve_instance(inst, warm, **{**opts, "time_limit_s": max(0.5, first), "stall_s": stall}), len(inst)
+        sol, n_after = solve_instance(inst, warm, **{**opts, "time_limit_s": max(0.5, first), "stall_s": stall},
+                                      nic=nic), len(inst)
         stopped_at_gap = sol.gap is not None and sol.gap <= gap
         if lns and sol.status != "optimal" and not stopped_at_gap and deadline - time.perf_counter() > 1.0:
             from engine.mip_lns import improve
@@ -114,17 +126,19 @@ def plan_mip(workload: Workload, cluster, comm, *, objective: str = "makespan", 
     if warm is not None and sol.source != "warm_start" and objective == "makespan" and sp["warm_start"]:
         if makespan(inst, sol.sched) > makespan(inst, warm) + 1e-9:
             sol.sched, sol.source = warm, "warm_start"
-    plan = build_plan(workload, inst, sol, cluster, comm, memory_cap, objective)
+    plan = build_plan(workload, inst, sol, cluster, comm, memory_cap, objective, nic)
     plan.meta.update({"solver": solver, "n_binaries": sol.n_binaries, "n_ops": len(inst), "n_ops_after_merge": n_after,
                       "objective": objective, "warm_start": warm_name, "source": sol.source,
+                      "nic_capacity": bool(nic_capacity),
                       "speedups": {k: bool(v) for k, v in sorted(sp.items())}, **sol.meta})
     plan.solve_s = time.perf_counter() - t0
     return plan
 
 
 def choose_warm_start(inst: Instance, workload: Workload, cluster, comm, given: Plan | None,
-                      memory_cap: int | None) -> tuple[str | None, Schedule | None]:
-    """The best memory-feasible warm start: the given plan, the heuristic's, list schedules."""
+                      memory_cap: int | None, nic=None) -> tuple[str | None, Schedule | None]:
+    """The best memory-feasible warm start: the given plan, the heuristic's, list schedules
+    (with ``nic``, each made NIC-feasible and compared by its makespan under NIC capacity)."""
     extra: list[tuple[str, Schedule]] = []
     if given is not None:
         extra.append(("given", schedule_from_plan(inst, given)))
@@ -137,7 +151,12 @@ def choose_warm_start(inst: Instance, workload: Workload, cluster, comm, given: 
             extra.append(("heuristic", schedule_from_plan(inst, plan_heuristic(workload, cluster, comm, memory_cap=memory_cap))))
         except InputError:
             pass  # the heuristic found no plan under the cap; the list schedules may
-    best = best_schedule(inst, extra)
+    if nic is not None:
+        from engine.mip_nic_sched import best_nic_schedule
+
+        best = best_nic_schedule(inst, nic, extra)
+    else:
+        best = best_schedule(inst, extra)
     return (None, None) if best is None else best
 
 
@@ -153,32 +172,45 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                    gap: float = 0.0, solver: str = "highs", threads: int = 2, speedups: dict[str, bool] | None = None,
                    progress: Progress | None = None, makespan_bound: float | None = None,
                    memory_weight_us_per_gib: float | None = None,
-                   solver_options: dict[str, Any] | None = None, stall_s: float | None = None) -> Solution:
+                   solver_options: dict[str, Any] | None = None, stall_s: float | None = None,
+                   nic=None) -> Solution:
     """Build and solve the model of ``inst`` within ``time_limit_s`` (building included); the
-    schedule is semi-active, never worse than ``warm`` for the makespan objective. Raises
+    schedule is semi-active, never worse than ``warm`` for the makespan objective. With ``nic``
+    (:class:`engine.mip_nic.NicTasks`) transfers hold NICs, and ``warm`` and the result are
+    :class:`engine.mip_nic_sched.NicSchedule` (semi-active under the NIC orders too). Raises
     :class:`InfeasibleError` when proven infeasible, :class:`InputError` (field
     ``solver.time_limit_s``) when the time ran out with no plan at all."""
     t_start = time.perf_counter()
     sp = {**DEFAULT_SPEEDUPS, **(speedups or {})}
+    if nic is not None:
+        from engine.mip_nic_sched import nic_compact, twins_consistent
+
+        if warm is not None and not hasattr(warm, "sigma"):  # a schedule without transfer times
+            warm = nic_compact(inst, nic, warm)
     model_inst, warm_m = inst, warm
     if sp["symmetry"]:
         arcs = twin_arcs(inst)
+        if arcs and nic is not None and not twins_consistent(inst, nic):
+            arcs = []
         if arcs:
             model_inst = inst.restricted(order_arcs=arcs)
             warm_m = relabel_twins(inst, warm) if warm is not None else None
-        elif devices_interchangeable(inst):
+        elif devices_interchangeable(inst) and nic is None:
             model_inst = restrict_devices(inst)
             warm_m = relabel_devices(inst, warm) if warm is not None else None
-        if warm_m is not None:
+        if warm_m is not None and nic is not None:
+            warm_m = warm_m if warm_m is warm else nic_compact(model_inst, nic, warm_m)
+        elif warm_m is not None:
             warm_m = compact_safe(model_inst, warm_m)
             if not memory_ok(model_inst, warm_m):
                 warm_m = None
+    serial = model_inst.serial_bound() + (nic.serial_extra() if nic is not None else 0.0)
     warm_span = makespan(inst, warm) if warm is not None else None
     lb = model_inst.lower_bound()
     if objective == "min_peak_memory":
         bound = makespan_bound if makespan_bound is not None else warm_span
         if bound is None:
-            bound = model_inst.serial_bound()
+            bound = serial
         if bound < lb - 1e-9:
             raise InfeasibleError(None, "objective.makespan_bound_us",
                                   f"the makespan bound {bound:g} us is below the lower bound {lb:g} us")
@@ -188,16 +220,16 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
         if objective == "weighted":
             cap_gib = max(inst.cap.values()) / GIB
             per_gib = memory_weight_us_per_gib if memory_weight_us_per_gib is not None else \
-                (warm_span or model_inst.serial_bound()) / max(cap_gib, 1e-9)
+                (warm_span or serial) / max(cap_gib, 1e-9)
             weight = per_gib / GIB
         if warm_m is not None and sp["warm_start"]:
             horizon = makespan(model_inst, warm_m)  # the best known plan bounds the optimum
             if objective == "weighted":
                 horizon += weight * max(_peak(model_inst, warm_m).values(), default=0)
         else:
-            horizon = model_inst.serial_bound()
+            horizon = serial
     builder = Builder(model_inst, horizon, sp, objective, makespan_bound if objective == "min_peak_memory" else None,
-                      weight)
+                      weight, nic)
     model, info = builder.build()
     res = run_solver(model, info, model_inst, warm_m if sp["warm_start"] else None, builder, solver=solver,
                      time_limit_s=max(0.5, time_limit_s - (time.perf_counter() - t_start)), gap=gap,
@@ -216,10 +248,13 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                             info.n_binaries, "warm_start", meta=res.meta)
         raise InputError(None, "solver.time_limit_s", f"no plan found within the time limit ({time_limit_s:g} s; "
                          "not proven infeasible: raise the time limit or relax the memory cap)")
-    sched = compact_safe(model_inst, res.sched)
+    if nic is None:
+        sched = compact_safe(model_inst, res.sched)
+    else:  # the solver's times satisfy the model, compaction under its orders only improves them
+        sched = nic_compact(model_inst, nic, res.sched) or res.sched
     span = makespan(inst, sched)
     bound = max(lb, res.bound if res.bound is not None else 0.0)
-    if _integral(model_inst):
+    if _integral(model_inst) and (nic is None or nic.integral()):
         bound = float(math.ceil(bound - 1e-6))
     bound = min(bound, span)
     status = res.status
@@ -230,7 +265,7 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
             g * span > info.tie_weight * sum(info.ls) + 1e-6 * span:
         status = "feasible"  # within the requested gap, not proven optimal
     return Solution(sched, status, bound, g, info.n_binaries, "solver", res.objective,
-                    meta={**res.meta, "solver_status": res.status})
+                    meta={**res.meta, "solver_status": res.status, **getattr(builder, "nic_stats", {})})
 
 
 def _gap(span: float, bound: float) -> float:
@@ -258,8 +293,10 @@ def _peak(inst: Instance, sched: Schedule) -> dict[int, int]:
 
 
 def build_plan(workload: Workload, inst: Instance, sol: Solution, cluster, comm, memory_cap: int | None,
-               objective: str = "makespan") -> Plan:
-    """The plan of a solution: semi-active (``engine.validate.compact``) and validated."""
+               objective: str = "makespan", nic=None) -> Plan:
+    """The plan of a solution: semi-active (``engine.validate.compact``) and validated. With
+    ``nic`` the solution is already semi-active under its NIC orders (plain compaction would
+    drop the NIC waits): its times are kept and its transfers start at the model's ``sigma``."""
     from engine.validate import compact, make_transfers, validate_plan
 
     dev, start = sol.sched
@@ -271,9 +308,15 @@ def build_plan(workload: Workload, inst: Instance, sol: Solution, cluster, comm,
         order.setdefault(int(dev[i]), []).append(inst.ids[i])
     raw = Plan(workload=workload.name, placements=placements, planner="mip", status=sol.status,
                order=dict(sorted(order.items())), lower_bound_us=sol.bound, mip_gap=sol.gap)
-    plan = compact(raw, workload, comm)
+    if nic is not None:
+        from engine.mip_nic_sched import plan_transfers
+
+        raw.transfers = plan_transfers(workload, inst, sol.sched, comm)
+        plan = raw
+    else:
+        plan = compact(raw, workload, comm)
     problems = validate_plan(plan, workload, cluster, comm, memory_cap)
-    if problems and not validate_plan(raw, workload, cluster, comm, memory_cap):
+    if nic is None and problems and not validate_plan(raw, workload, cluster, comm, memory_cap):
         # compaction can move an allocation before a free on another stream; keep the solver's times
         raw.transfers = make_transfers(raw.placements, workload, comm.delay)
         plan, problems = raw, []
@@ -299,7 +342,8 @@ def stderr_progress() -> Progress:
 def plan_mip_scenario(scenario, options: dict[str, Any]) -> Plan:
     """:func:`plan_mip` with a scenario's objective and ``solver`` options (``name``,
     ``time_limit_s``, ``gap``, ``threads``, ``merge``, ``warm_start`` = a schedule name such as
-    ``zb-h1`` or a :class:`Plan`, ``progress`` = a callback or ``"stderr"``). ``objective.lambda``
+    ``zb-h1`` or a :class:`Plan`, ``progress`` = a callback or ``"stderr"``, ``nic_capacity``).
+    ``objective.lambda``
     is in us per GiB of peak memory (0 = the default weight of :func:`plan_mip`)."""
     wl, comm = scenario.workload, scenario.comm
     warm = options.get("warm_start") if isinstance(options.get("warm_start"), Plan) else None
@@ -317,7 +361,8 @@ def plan_mip_scenario(scenario, options: dict[str, Any]) -> Plan:
                         time_limit_s=options.get("time_limit_s", 30), gap=options.get("gap", 0.0),
                         solver=options.get("name", "highs"), threads=options.get("threads", 2), warm_start=warm,
                         memory_cap=scenario.memory_cap_bytes, merge=options.get("merge", "none"), progress=progress,
-                        makespan_bound_us=obj.get("makespan_bound_us"), memory_weight_us_per_gib=lam)
+                        makespan_bound_us=obj.get("makespan_bound_us"), memory_weight_us_per_gib=lam,
+                        nic_capacity=bool(options.get("nic_capacity", False)))
     finally:
         if progress is not None and options.get("progress") == "stderr":
             import click

@@ -54,8 +54,9 @@ class Builder:
     """Builds the Pyomo model of an :class:`Instance` block by block."""
 
     def __init__(self, inst: Instance, horizon: float, speedups: dict[str, bool], objective: str = "makespan",
-                 makespan_bound: float | None = None, memory_weight: float = 0.0):
+                 makespan_bound: float | None = None, memory_weight: float = 0.0, nic=None):
         self.inst = inst
+        self.nic = nic  # engine.mip_nic.NicTasks: transfers as NIC tasks (None: pure delays)
         self.sp = {**DEFAULT_SPEEDUPS, **speedups}
         self.objective = objective
         self.makespan_bound = makespan_bound
@@ -126,6 +127,8 @@ class Builder:
         inst, m = self.inst, self.m
         m.prec = pyo.ConstraintList()
         for i, j in inst.arcs():
+            if self.nic is not None and (i, j) in self.nic.uses:
+                continue  # a transfer task: rows through sigma (engine.mip_nic)
             delays = inst.edges.get((i, j), {})
             if not delays:
                 m.prec.add(m.s[j] >= m.s[i] + self.p(i))
@@ -383,11 +386,15 @@ class Builder:
             raise ValueError(f"unknown objective {self.objective!r}")
 
     def build(self, memory: bool = True):
-        """The whole model: variables, assignment, precedence, makespan, no-overlap, load cut,
-        memory, objective."""
+        """The whole model: variables, assignment, precedence (with NIC tasks if ``nic``),
+        makespan, no-overlap, load cut, memory, objective."""
         self.variables()
         self.assignment()
         self.precedence()
+        if self.nic is not None:
+            from engine.mip_nic import add_nic
+
+            add_nic(self, self.nic)
         self.makespan()
         self.no_overlap()
         self.load_cut()

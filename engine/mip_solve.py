@@ -77,6 +77,10 @@ def warm_values(builder: Builder, sched: Schedule) -> dict[int, float]:
             live = sum(inst.alloc[a] for a in allocs if dev[a] == dev[o] and started(a, o) and not_freed(a, o))
             peak = max(peak, inst.static[dev[o]] + live)
         vals[id(m.peak)] = float(peak) / builder.mem_unit
+    if getattr(builder, "nic", None) is not None:
+        from engine.mip_nic import warm_values as nic_warm_values
+
+        vals.update(nic_warm_values(builder, sched))
     return vals
 
 
@@ -90,6 +94,11 @@ def extract(builder: Builder) -> Schedule:
         else:
             dev.append(max(inst.devices[i], key=lambda d: (pyo.value(m.x[i, d]) or 0.0, -d)))
         start.append(max(0.0, float(pyo.value(m.s[i]))))
+    if getattr(builder, "nic", None) is not None:  # keep the transfer starts (NIC capacity)
+        from engine.mip_nic import extract_sigma
+        from engine.mip_nic_sched import NicSchedule
+
+        return NicSchedule(dev, start, extract_sigma(builder, dev))
     return dev, start
 
 

@@ -43,7 +43,7 @@ OPTIONS: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
                   "makespan_bound_us": (None, (int, float))},
     "solver": {"planner": ("heuristic", (str,)), "name": ("highs", (str,)), "time_limit_s": (30.0, (int, float)),
                "gap": (0.0, (int, float)), "threads": (2, (int,)), "merge": ("none", (str, int)),
-               "warm_start": (None, (str,))},
+               "warm_start": (None, (str,)), "nic_capacity": (False, (bool,))},
     "simulator": {"mode": ("flow", (str,)), "jitter": (0.0, (int, float)), "symmetry": (True, (bool,)),
                   "comm_compute_slowdown": (None, (int, float)), "allow_oom": (False, (bool,))},
     "loop": {"tolerance": (0.01, (int, float)), "patience": (2, (int,)), "max_iters": (6, (int,)),

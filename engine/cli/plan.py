@@ -34,6 +34,7 @@ def plan_summary(plan: Plan, scenario, plan_path: str | None) -> dict:
         "mip_gap": plan.mip_gap,
         "solve_s": plan.solve_s,
         "plan_path": plan_path,
+        "nic_capacity": bool(plan.meta.get("nic_capacity", False)),
     }
     for key in ("solver", "n_ops_after_merge", "n_binaries"):
         if key in plan.meta:
@@ -63,12 +64,14 @@ def print_summary(summary: dict) -> None:
 @click.option("--time-limit", "time_limit_s", type=float, help="MIP time limit in seconds.")
 @click.option("--gap", type=float, help="MIP relative gap at which to stop.")
 @click.option("--merge", help="Coarsening before the MIP: auto, none or a target op count.")
+@click.option("--nic-capacity", is_flag=True,
+              help="MIP: transfers across nodes cannot overlap on one NIC direction (default: solver.nic_capacity).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_cmd(scenario, output, planner, solver_name, time_limit_s, gap, merge, as_json):
+def plan_cmd(scenario, output, planner, solver_name, time_limit_s, gap, merge, nic_capacity, as_json):
     """Plan SCENARIO and print makespan, bubble, busy time and peak memory per GPU."""
     sc = load_scenario(scenario)
     plan = plan_scenario(sc, planner, name=solver_name, time_limit_s=time_limit_s, gap=gap, merge=merge,
-                         progress=None if as_json else "stderr")
+                         nic_capacity=True if nic_capacity else None, progress=None if as_json else "stderr")
     if output is not None:
         write_atomic(output, plan.to_json())
     summary = plan_summary(plan, sc, str(output) if output is not None else None)
