@@ -140,6 +140,10 @@ FIELDS: tuple[Field, ...] = (
     _f("comm.buffer_passes", "buffer_passes", "float", "",
        "times a collective streams its input and output buffers through HBM (at hbm x memory_efficiency)",
        default=0.0, lo=0.0, hi=20.0),
+    _f("comm.net_channels_per_nic", "net_channels_per_nic", "int", "channels",
+       "NCCL channels that drive one NIC (NCCL's own default 2, not fitted): one channel moves at most "
+       "NIC rate / this; a send/recv to another node gets this many channels, halved in large groups "
+       "(simulator.p2p_channels); 0 turns the per-connection cap off", default=2, lo=0, hi=64),
     _f("comm.nvls_efficiency", "nvls_efficiency", "float", "",
        "share of the NVLink-limited rate an in-switch (NVLS) all-reduce reaches", default=1.0, lo=0.0, lo_open=True, hi=2.0),
     *(_f(f"comm.efficiency.{scope}.{op}", f"{scope}_{op}_efficiency", "float", "",
@@ -268,6 +272,7 @@ class Comm:
     inter_all_to_all_latency_us: float = 0.0
     inter_send_recv_latency_us: float = 0.0
     inter_broadcast_latency_us: float = 0.0
+    net_channels_per_nic: int = 2
 
     def collective_efficiency(self, op: str, inter_node: bool) -> float:
         """The calibrated share of the link-limited rate ``op`` reaches inside / across nodes."""

@@ -20,7 +20,11 @@ profile's message overhead once. Algorithms:
   inside each node to the node's leader (GPU ``t`` of the node for tree ``t``), a binary tree
   over nodes (tree 1 mirrored); a pipelined reduce up, then a broadcast down.
 * ``direct``: all_to_all as ``n(n-1)`` pairwise flows of ``size/n``; send_recv as nccl-tests'
-  ring shift, each rank sending ``size`` to the next rank of the group.
+  ring shift, each rank sending ``size`` to the next rank of the group. A send_recv sub-flow that
+  crosses nodes is also held to the rate of the NCCL channels its connection gets
+  (:mod:`simulator.p2p_channels`: fewer per peer in larger groups): the phase lists those
+  connections (``conns``, ``(src GPU, dst GPU)``) and their cap ``conn_rate`` (bytes/us per
+  sub-flow), which the flow model enforces with one private link per connection.
 
 ``auto`` picks nvls for an all_reduce inside one NVLS node, else ring; direct for all_to_all and
 send_recv. Without contention the flow simulation of these phases takes exactly
@@ -30,12 +34,13 @@ send_recv. Without contention the flow simulation of these phases takes exactly
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from engine.errors import InputError
 from engine.ir import COLLECTIVE_OPS
 from simulator.calibration.tuning import holds_full_nodes, tune_phases
+from simulator.p2p_channels import connection_cap
 
 ALGOS = {
     "all_reduce": ("ring", "tree", "nvls"),
@@ -63,13 +68,19 @@ def bus_factor(op: str, n: int) -> float:
 
 @dataclass(frozen=True)
 class Phase:
-    """``repeat`` steps, each: ``latency_us``, then ``nbytes`` per sub-flow over ``links`` (weights)."""
+    """``repeat`` steps, each: ``latency_us``, then ``nbytes`` per sub-flow over ``links`` (weights).
+
+    ``conns``: the ``(src GPU, dst GPU)`` connections of sub-flows held to ``conn_rate`` (bytes/us
+    per sub-flow) whatever the links leave them; each connection is a capacity of its own, not a
+    share of a link."""
 
     links: tuple[tuple[str, str], ...]
     weights: tuple[float, ...]
     nbytes: float
     latency_us: float
     repeat: int = 1
+    conns: tuple[tuple[int, int], ...] = ()
+    conn_rate: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,8 @@ def step_time(ph: Phase, bandwidth: dict[tuple[str, str], float]) -> float:
     if ph.nbytes <= 0 or not ph.links:
         return 0.0
     rate = min(bandwidth[l] / w for l, w in zip(ph.links, ph.weights))
+    if ph.conns and ph.conn_rate < rate:
+        rate = ph.conn_rate
     return ph.nbytes / rate
 
 
@@ -212,9 +225,15 @@ class CollectivePlanner:
             return self._tree(ranks, nbytes)
         if op == "all_to_all":
             return [self._phase([(a, b, 0) for a in ranks for b in ranks if a != b], nbytes / n)]
-        # send_recv: ring shift in group order
-        return [self._phase([(ranks[i], ranks[(i + 1) % n], 0) for i in range(n) if ranks[i] != ranks[(i + 1) % n]],
-                            nbytes)]
+        # send_recv: ring shift in group order; connections across nodes get only their channels' rate
+        pairs = [(ranks[i], ranks[(i + 1) % n], 0) for i in range(n) if ranks[i] != ranks[(i + 1) % n]]
+        phase = self._phase(pairs, nbytes)
+        cap = connection_cap(self.cluster, ranks)
+        node = self.cluster.node_of
+        conns = tuple((a, b) for a, b, _s in pairs if node(a) != node(b))
+        if conns and cap < math.inf:
+            phase = replace(phase, conns=conns, conn_rate=cap)
+        return [phase]
 
     def _tree(self, ranks: tuple[int, ...], nbytes: int) -> list[Phase]:
         by_node: dict[int, list[int]] = {}

@@ -106,6 +106,7 @@ class Engine:
         out = []
         for i, ph in enumerate(first.phases):
             weights: dict[tuple[str, str], float] = {}
+            conns: dict[int, float] = {}  # private link of a capped connection -> sub-flows on it
             latency = 0.0
             for p in plans:
                 q = p.phases[i]
@@ -114,8 +115,12 @@ class Engine:
                 latency = max(latency, q.latency_us)
                 for l, w in zip(q.links, q.weights):
                     weights[l] = weights.get(l, 0.0) + w
+                for a, b in q.conns:
+                    cid = self.net.connection(a, b, q.conn_rate)
+                    conns[cid] = conns.get(cid, 0.0) + 1.0
             links = sorted(weights)
-            ids, ws = tuple(self.net.link_ids(links)), tuple(weights[l] for l in links)
+            ids = tuple(self.net.link_ids(links)) + tuple(sorted(conns))
+            ws = tuple(weights[l] for l in links) + tuple(conns[c] for c in sorted(conns))
             out.append((ids, ws, ph.nbytes, latency, ph.repeat, self.net.solo_rate(ids, ws) if ids else 0.0))
         self._phases[c] = out
         if len(plans) == 1:

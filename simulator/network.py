@@ -16,6 +16,14 @@ each at its stand-alone rate, would exceed its capacity; a link that cannot bind
 allocation, so bundles that only share such links do not affect each other. A bundle whose rate
 does not change keeps its scheduled completion (no float drift when unrelated flows come and go).
 
+*Connection caps*: a bundle may also be held to a rate per connection that is not a share of any
+link (NCCL channels of a point-to-point connection, :mod:`simulator.p2p_channels`).
+:meth:`Network.connection` gives such a connection a *private link* (created on first use, its
+capacity the cap) that the bundle crosses with weight 1 per sub-flow on it; the fair allocation
+then honours link shares and caps alike, and transfers on one connection share its cap. Private
+links carry no bytes of their own: :attr:`Network.names`, :attr:`Network.bytes` and everything
+indexed by them cover the real links only (private ids come after them).
+
 Units: bytes, us, bytes/us. Links are ``(u, v)`` node-name pairs of ``Cluster.topology``.
 """
 
@@ -73,16 +81,36 @@ class Network:
         self._next_id = 0
         self.active = 0
         self.recomputes = 0
+        self._private: dict[tuple[int, int, float], int] = {}  # (src GPU, dst GPU, cap) -> link id
 
     # -- public ---------------------------------------------------------------------------------
     @property
     def bytes(self) -> list[float]:
         """Bytes carried per link so far (summed per distinct bundle, then spread on its links)."""
-        out = [0.0] * len(self.names)
+        n = len(self.names)
+        out = [0.0] * n
         for (links, weights), nbytes in self._carried.items():
             for l, w in zip(links, weights):
-                out[l] += w * nbytes
+                if l < n:  # private links (connection caps) are not links of the cluster
+                    out[l] += w * nbytes
         return out
+
+    def connection(self, src: int, dst: int, cap: float) -> int:
+        """The id of the private link of the connection ``src -> dst`` (GPUs) held to ``cap``
+        bytes/us, created on first use. Transfers between the same GPUs with the same cap are one
+        connection (one communicator's channels) and share it."""
+        key = (src, dst, float(cap))
+        hit = self._private.get(key)
+        if hit is None:
+            hit = self._private[key] = len(self.cap)
+            self.cap.append(float(cap))
+            self.bind_at.append(float(cap) * (1.0 - _BIND_TOL))
+            for column in (self.demand, self.load, self.subflows, self.peak_subflows):
+                column.append(0.0)
+            self.on_link.append({})
+            if self.timeline is not None:
+                self.timeline.append([])
+        return hit
 
     def account(self, links: tuple[int, ...], weights: tuple[float, ...], nbytes: float) -> None:
         """Count ``nbytes`` per sub-flow as carried on ``links`` (flows count themselves)."""

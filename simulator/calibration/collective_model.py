@@ -19,6 +19,8 @@ needs)::
 * ``full_c``: ``full[op]`` (``comm.efficiency.full_node.<op>``) for the NIC-side classes (nic,
   pcie) when the group spans nodes and holds every GPU of each of them (all NICs of a node busy
   at once), else 1;
+* a send/recv connection's channel cap (``Phase.conn_rate``, :mod:`simulator.p2p_channels`) is a
+  share of the NIC rate, so it counts as one more "nic" cap (it scales with ``eff_nic``);
 * ``fixed[op, scope]``: a per-collective fixed cost in us (``comm.latency.<scope>.<op>``), the
   ramp-up of a saturating rate ``bw_max size / (size + s_half)`` (``fixed = s_half / bw_max``);
 * ``passes``: how many times the collective's kernels stream its input and output buffers
@@ -177,6 +179,9 @@ class CollectiveModel:
             for c in CLASSES:
                 vals = [topo.edges[l]["nominal_bandwidth"] / w for l, w in zip(ph.links, ph.weights)
                         if topo.edges[l]["link_class"] == c]
+                if c == "nic" and ph.conns and ph.conn_rate < math.inf:
+                    # a p2p connection's channel cap is a share of the NIC rate: nominal share here
+                    vals.append(ph.conn_rate / self.profile.node.nic_efficiency)
                 caps.append(min(vals) / (share if c in NIC_SIDE else 1.0) if vals else math.inf)
             dlat = tuple(b.phases[i].latency_us - ph.latency_us for b in bumped)
             lat0 = ph.latency_us - (extra / ph.repeat if i == 0 else 0.0)

@@ -8,7 +8,8 @@ builds, so the closed form and the flow simulation see the same corrections:
   the link-limited rate moves, in effect, ``1/e`` times the bytes;
 * when the group spans nodes and holds every GPU of each of them (all NICs of a node busy at
   once) the weights of its NIC-side links (:data:`NIC_SIDE` classes) are divided by
-  ``comm.efficiency.full_node.<op>``: those links reach only that share of their rate;
+  ``comm.efficiency.full_node.<op>``: those links reach only that share of their rate, and so
+  does a phase's per-connection cap (``conn_rate``, a share of the NIC rate);
 * ``comm.buffer_passes x (input + output bytes) / (hbm x gpu.memory_efficiency)`` is added to
   the latency of the first phase (spread over its steps): the collective's kernels stream its
   buffers through HBM, a cost per byte that does not shrink with the group size the way the
@@ -96,7 +97,8 @@ def tune_phases(profile: Any, op: str, algo: str, nbytes: int, ranks: Sequence[i
     share = full_node_share(profile, op, inter_node, full_node)
     if share != 1.0 and link_class is not None:
         phases = [replace(ph, weights=tuple(w / share if link_class(l) in NIC_SIDE else w
-                                            for l, w in zip(ph.links, ph.weights))) for ph in phases]
+                                            for l, w in zip(ph.links, ph.weights)),
+                          conn_rate=ph.conn_rate * share) for ph in phases]
     scale = collective_scale(profile, op, algo, inter_node)
     extra = fixed_us(profile, op, len(ranks), nbytes, inter_node)
     if scale != 1.0:
