@@ -57,7 +57,7 @@ recomputed working set for its own duration.
 The schedule (1F1B, interleaved, ZB, DualPipe) is the plan's order, not the workload's: it is
 kept in ``meta`` and decides only which pipeline rank holds each virtual stage (V-shaped
 schedules fold the second chunk back) and whether gradients wait for W (above).
-:mod:`simulator.calibration.pipeline_time` builds Megatron's 1F1B order for vpp = 1.
+:mod:`engine.pipeline_time` builds Megatron's 1F1B order for vpp = 1.
 """
 
 from __future__ import annotations

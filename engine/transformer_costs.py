@@ -2,7 +2,7 @@
 
 Pure arithmetic, no graph: FLOPs from the layer shapes, times from a GPU's peak rate and an
 efficiency model, bytes of communication and memory. :mod:`engine.transformer` turns these into
-a workload; :mod:`simulator.calibration.compute_fit` predicts iteration times from them.
+a workload; :mod:`engine.compute_fit` predicts iteration times from them.
 
 Units: FLOPs, bytes (int where exact), us. ``b`` micro-batch, ``s`` sequence length, ``h``
 hidden size, ``a`` attention heads, ``f`` MLP hidden size (4h by default), ``V`` vocabulary,

@@ -187,7 +187,7 @@ def test_h100_nccl_tests_every_other_size_predicts_the_rest_within_5_percent():
 
 @needs_data
 def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked():
-    from simulator.calibration.compute_fit import IterationModel, fit_compute, random_split
+    from engine.compute_fit import IterationModel, fit_compute, random_split
     from simulator.calibration.vtrain import read_ground_truth
 
     runs = read_ground_truth(DATA / "vtrain-a100" / "ground_truth_single.csv")
@@ -200,8 +200,8 @@ def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked():
 
 @needs_data
 def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees():
-    from simulator.calibration.compute_check import closed_form_us, simulated_us
-    from simulator.calibration.compute_fit import IterationModel
+    from engine.compute_check import closed_form_us, simulated_us
+    from engine.compute_fit import IterationModel
     from simulator.calibration.vtrain import read_ground_truth
 
     runs = read_ground_truth(DATA / "vtrain-a100" / "ground_truth_single.csv")
@@ -217,8 +217,8 @@ def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees()
     assert vec == pytest.approx(closed, rel=1e-9)
     from engine.cost import CommModel
     from engine.transformer import build_transformer
-    from simulator.calibration.compute_fit import run_spec
-    from simulator.calibration.pipeline_time import one_f_one_b_order, semi_active_plan
+    from engine.compute_fit import run_spec
+    from engine.pipeline_time import one_f_one_b_order, semi_active_plan
 
     for r, c in zip(pick, closed):
         sim, _ops = simulated_us(r, cluster)

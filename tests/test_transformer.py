@@ -186,7 +186,7 @@ def test_shipped_scenario_plans_validates_and_simulates():
 
 
 def test_megatron_order_matches_the_closed_form_and_validates():
-    from simulator.calibration.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
+    from engine.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
                                                      send_time_us)
 
     comm = CommModel(H100)

@@ -193,8 +193,8 @@ def allreduce_lut_cmd(luts, profile_name, out, checks, buffer_passes, holdout, p
 def compute_cmd(vtrain_csv, profile_name, out, holdout, seed, check_sim, plot, as_json):
     """Fit the compute-efficiency model to measured Megatron iteration times."""
     from hardware_profiles import build_cluster
-    from simulator.calibration.compute_fit import IterationModel, fit_compute, random_split
-    from simulator.calibration.compute_check import check_with_simulator
+    from engine.compute_fit import IterationModel, fit_compute, random_split
+    from engine.compute_check import check_with_simulator
     from simulator.calibration.report import error_pct, fitted_profile, plot_fit
     from simulator.calibration.vtrain import read_ground_truth
 

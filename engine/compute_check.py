@@ -1,7 +1,7 @@
 """Confirm the closed-form iteration time with the simulator on a sample of measured runs.
 
 For each sampled run: the transformer workload on the fitted profile, Megatron's 1F1B plan of it
-(:mod:`simulator.calibration.pipeline_time`), the simulator's makespan (flow model), and the
+(:mod:`engine.pipeline_time`), the simulator's makespan (flow model), and the
 closed form the fit used. Times in us.
 """
 
@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.compute_fit import run_spec
 from engine.cost import CommModel
+from engine.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
+                                 send_time_us)
 from engine.transformer import build_transformer, simulator_collective_us, stage_times, step_end_times
 from engine.transformer_costs import ComputeModel
-from simulator.calibration.compute_fit import run_spec
-from simulator.calibration.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
-                                                 send_time_us)
 from simulator.calibration.vtrain import VtrainRun
 
 MAX_MICROBATCHES = 8  # keep the sampled simulations small

@@ -2,7 +2,7 @@
 
 Each measured run (GPT model, batch, TP x DP x PP on one node, 1F1B) becomes a
 :class:`engine.transformer_costs.TransformerSpec`. Its predicted iteration time is the closed
-form :func:`simulator.calibration.pipeline_time.iteration_time_1f1b` of the per-stage times the
+form :func:`engine.pipeline_time.iteration_time_1f1b` of the per-stage times the
 transformer builder uses. Every compute time is linear in four numbers,
 
     t = flops / (peak x eff) + gemms x F_half / (peak x eff) + bytes / (hbm x mem_eff) + kernels x k
@@ -28,11 +28,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.cost import CommModel
+from engine.pipeline_time import send_time_us
 from engine.transformer import (Parallelism, TransformerSpec, check_spec, rank_params, simulator_collective_us,
                                 stage_times, step_end_times)
 from engine.transformer_costs import OPTIMIZER_BYTES_PER_PARAM, ComputeModel, PhaseCost
 from simulator.calibration.collective_model import mape
-from simulator.calibration.pipeline_time import send_time_us
 from simulator.calibration.vtrain import VtrainRun
 
 GPT2_VOCAB = 50257
