@@ -222,10 +222,13 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
             per_gib = memory_weight_us_per_gib if memory_weight_us_per_gib is not None else \
                 (warm_span or serial) / max(cap_gib, 1e-9)
             weight = per_gib / GIB
-        if warm_m is not None and sp["warm_start"]:
-            horizon = makespan(model_inst, warm_m)  # the best known plan bounds the optimum
+        # the best known plan bounds the optimum, also when its relabelled image was dropped as a
+        # MIP start (relabelling twins or devices keeps makespan and memory; only compaction may not)
+        known = warm_m if warm_m is not None else warm
+        if known is not None and sp["warm_start"]:
+            horizon = makespan(inst, known)
             if objective == "weighted":
-                horizon += weight * max(_peak(model_inst, warm_m).values(), default=0)
+                horizon += weight * max(_peak(inst, known).values(), default=0)
         else:
             horizon = serial
     builder = Builder(model_inst, horizon, sp, objective, makespan_bound if objective == "min_peak_memory" else None,

@@ -120,3 +120,28 @@ def test_a_solve_with_another_thread_count_still_solves():
     for threads in (2, 1, 2):
         plan = plan_mip(wl, cluster, comm, time_limit_s=20, threads=threads)
         assert (plan.status, plan.makespan_us, plan.meta["source"]) == ("optimal", 27000.0, "solver"), threads
+
+
+def test_a_dropped_relabelled_warm_start_still_bounds_the_horizon(monkeypatch):
+    """Symmetry breaking relabels the warm start's twin micro-batches and compacts it; if that
+    image breaks a memory cap it is dropped as a MIP start. The horizon (and so every big-M and
+    time window) must still be the warm start's makespan, not the serial bound (~9x larger):
+    relabelling keeps makespan and memory, so the optimum of the restricted model is no later."""
+    from engine.mip_warm import best_schedule, makespan
+
+    wl = build_pipeline(4, 8, times_us={"F": 1000.0, "B": 1000.0, "W": 1000.0})
+    cluster = FakeCluster(4)
+    inst = Instance.from_workload(wl, cluster, CommModel(cluster), None)
+    _name, warm = best_schedule(inst)
+    horizons = []
+    real = mip.Builder
+
+    def spy(model_inst, horizon, *args, **kwargs):
+        horizons.append(horizon)
+        return real(model_inst, horizon, *args, **kwargs)
+
+    monkeypatch.setattr(mip, "memory_ok", lambda *_: False)  # the relabelled image is dropped
+    monkeypatch.setattr(mip, "Builder", spy)
+    sol = solve_instance(inst, warm, time_limit_s=20, threads=1)
+    assert horizons == [makespan(inst, warm)] and horizons[0] < inst.serial_bound() / 2
+    assert makespan(inst, sol.sched) == 27000.0
