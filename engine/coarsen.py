@@ -112,18 +112,7 @@ class _Groups:
 
     def joined_elsewhere(self, g: int, h: int) -> bool:
         """True if a path from g to h (or h to g) exists other than the direct arc."""
-        for src, dst in ((g, h), (h, g)):
-            stack = [w for w in self.succ[src] if w != dst]
-            seen = set(stack)
-            while stack:
-                w = stack.pop()
-                if w == dst:
-                    return True
-                for x in self.succ[w]:
-                    if x not in seen:
-                        seen.add(x)
-                        stack.append(x)
-        return False
+        return _reaches(self, g, h, direct=False) or _reaches(self, h, g, direct=False)
 
     def merge(self, g: int, h: int) -> int:
         """Merge group h into g (g's members run first)."""
@@ -183,16 +172,22 @@ def _merge_microbatches(gr: _Groups, target: int) -> None:
 
 def _path_between(gr: _Groups, g: int, h: int) -> bool:
     """True if any path joins g and h (merging unrelated ops must not create a cycle)."""
-    for src, dst in ((g, h), (h, g)):
-        stack, seen = list(gr.succ[src]), set(gr.succ[src])
-        while stack:
-            w = stack.pop()
-            if w == dst:
-                return True
-            for x in gr.succ[w]:
-                if x not in seen:
-                    seen.add(x)
-                    stack.append(x)
+    return _reaches(gr, g, h) or _reaches(gr, h, g)
+
+
+def _reaches(gr: _Groups, src: int, dst: int, direct: bool = True) -> bool:
+    """True if a path of arcs leads from group ``src`` to ``dst`` (``direct=False``: other than
+    the arc ``src -> dst`` itself)."""
+    stack = [w for w in gr.succ[src] if direct or w != dst]
+    seen = set(stack)
+    while stack:
+        w = stack.pop()
+        if w == dst:
+            return True
+        for x in gr.succ[w]:
+            if x not in seen:
+                seen.add(x)
+                stack.append(x)
     return False
 
 
