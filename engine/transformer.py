@@ -51,8 +51,9 @@ Ops (costs from :mod:`engine.transformer_costs`; times in us from the cluster's 
   with the distributed optimizer).
 
 Memory: ``static_memory_bytes`` = weights + gradients + optimizer states per GPU; each F holds
-its activations (Korthikanti et al.) until its W ends; B of a recomputing stage holds the
-recomputed working set for its own duration.
+its activations (Korthikanti et al., the form without sequence parallelism:
+:func:`engine.transformer_costs.activation_bytes_per_layer`) until its W ends; B of a
+recomputing stage holds the recomputed working set for its own duration.
 
 The schedule (1F1B, interleaved, ZB, DualPipe) is the plan's order, not the workload's: it is
 kept in ``meta`` and decides only which pipeline rank holds each virtual stage (V-shaped

@@ -11,15 +11,20 @@ hidden size, ``a`` attention heads, ``f`` MLP hidden size (4h by default), ``V``
 FLOPs per layer and micro-batch, forward (Megatron's count): GEMMs ``2bsh(3h + h + 2f)`` =
 ``24bsh^2`` for ``f = 4h`` plus attention ``4bs^2h``; the logits ``2bshV``. Backward: the input
 gradient repeats every forward GEMM and twice the attention; the weight gradient repeats the
-GEMMs. Activation memory per layer (Korthikanti et al. 2022, 16-bit activations, divided by
-``t`` as with sequence parallelism): ``sbh(34 + 5as/h)`` without recomputation, ``34sbh``
-with selective recomputation, ``2sbh`` with full recomputation.
+GEMMs. Activation memory per layer and micro-batch on one TP rank (Korthikanti et al. 2022,
+Table 2, bytes for 16-bit activations; :func:`activation_bytes_per_layer`). The workload models
+TP without sequence parallelism: the layer norms, dropouts and residuals see the whole
+replicated ``s x b x h`` tensor, only the attention and MLP internals split over ``t``:
+``sbh(10 + 24/t + 5as/(ht))`` without recomputation, ``sbh(10 + 24/t)`` with selective
+recomputation, ``2sbh`` with full recomputation (the layer input only). With sequence
+parallelism (``sequence_parallel=True``, not a scenario option) everything splits:
+``sbh(34 + 5as/h)/t``, ``34sbh/t``, ``2sbh/t``.
 
 Time of a GEMM of ``F`` FLOPs: ``(F + F_half) / (peak x efficiency)`` — efficiency
 ``efficiency x F / (F + F_half)``, half of the best at ``F_half`` FLOPs (small GEMMs fill the GPU
 poorly). Element-wise work (layer norms, dropout, softmax, GeLU, residuals) moves about twice the
-activation bytes a TP rank touches, ``sbh(10 + 24/t + 5as/(ht))`` (no sequence parallelism: the
-norms and residuals see the whole replicated tensor), through HBM at ``hbm x memory_efficiency``
+activation bytes a TP rank touches, ``sbh(10 + 24/t + 5as/(ht))`` (the no-recomputation
+activations above), through HBM at ``hbm x memory_efficiency``
 and launches ``ELEMENTWISE_KERNELS`` kernels of ``kernel_overhead_us`` each.
 """
 
@@ -188,12 +193,26 @@ def layer_params(spec: TransformerSpec) -> int:
     return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
 
 
-def activation_bytes_per_layer(spec: TransformerSpec) -> int:
-    """Korthikanti et al. activation bytes of one layer and micro-batch on one TP rank."""
+def activation_bytes_per_layer(spec: TransformerSpec, recompute: str | None = None,
+                               sequence_parallel: bool = False) -> int:
+    """Korthikanti et al. (Table 2) activation bytes of one layer and micro-batch on one TP rank,
+    16-bit activations, with ``recompute`` (default: the spec's ``activation_recompute``).
+
+    Without sequence parallelism (what the workload models) ``10sbh`` — the two layer-norm
+    inputs (4sbh), the layer-norm outputs feeding the QKV and MLP-up GEMMs (4sbh) and the two
+    dropout masks after attention and MLP (2sbh) — is replicated on every TP rank and only the
+    rest, ``24sbh + 5as^2b``, splits over ``t``; with it the whole ``34sbh + 5as^2b`` splits.
+    The one place the layer activation formula lives: :func:`stage_cost` derives from it."""
     s, b, h, a, t = spec.seq_len, spec.micro_batch, spec.hidden, spec.heads, spec.parallelism.tp
-    full = s * b * h * 34 + 5 * a * s * s * b
-    per = {"none": full, "selective": 34 * s * b * h, "full": 2 * s * b * h}[spec.activation_recompute]
-    return per // t
+    recompute = spec.activation_recompute if recompute is None else recompute
+    sbh = s * b * h
+    scores = 5 * a * s * s * b  # softmax output, its dropout mask, the dropout output (attention over values)
+    if sequence_parallel:
+        per = {"none": (34 * sbh + scores) // t, "selective": 34 * sbh // t, "full": 2 * sbh // t}
+    else:
+        per = {"none": 10 * sbh + (24 * sbh + scores) // t, "selective": 10 * sbh + 24 * sbh // t,
+               "full": 2 * sbh}
+    return per[recompute]
 
 
 def total_params(spec: TransformerSpec) -> int:
@@ -210,18 +229,17 @@ def model_flops_per_iteration(spec: TransformerSpec) -> float:
 
 def stage_cost(spec: TransformerSpec, stage: int) -> StageCost:
     """Costs of virtual stage ``stage`` (embedding on the first, logits and loss on the last)."""
-    s, b, h, a, V, t = spec.seq_len, spec.micro_batch, spec.hidden, spec.heads, spec.vocab, spec.parallelism.tp
+    s, b, h, V, t = spec.seq_len, spec.micro_batch, spec.hidden, spec.vocab, spec.parallelism.tp
     n = spec.stage_layers(stage)
     m = b * s  # tokens per micro-batch
     e = spec.elem_bytes
     layer_gemms = (2 * m * h * 3 * h / t, 2 * m * h * h / t, 2 * m * h * spec.ffn / t, 2 * m * spec.ffn * h / t)
     attn = (2 * b * s * s * h / t, 2 * b * s * s * h / t)  # scores and scores x values
-    act_full = (34 * s * b * h + 5 * a * s * s * b) // t  # bytes, no recomputation
-    scores_bytes = 5 * a * s * s * b // t
-    # element-wise traffic ~ twice the activation bytes a TP rank touches. Without sequence
-    # parallelism the norms, dropouts and residuals work on the whole (replicated) s x b x h
-    # tensor: Korthikanti's sbh(10 + 24/t + 5as/(ht)). Their bytes are for 2-byte elements.
-    mem_f = float((10 * s * b * h + (24 * s * b * h + 5 * a * s * s * b) // t) * e)
+    act_full = activation_bytes_per_layer(spec, "none")  # 16-bit bytes, no recomputation
+    scores_bytes = act_full - activation_bytes_per_layer(spec, "selective")  # 5as^2b/t: what selective drops
+    # element-wise traffic ~ twice the activation bytes a TP rank touches (the norms, dropouts
+    # and residuals work on the whole replicated s x b x h tensor). Those bytes are for 2-byte elements.
+    mem_f = float(act_full * e)
     f_gemms = layer_gemms * n + attn * n
     b_gemms = layer_gemms * n + attn * 2 * n
     w_gemms = layer_gemms * n

@@ -12,8 +12,8 @@ from engine.ir import Collective
 from engine.scenario import load_scenario, scenario_from_dict
 from engine.transformer import (build_transformer, gpu_of, rank_params, spec_from_dict, stage_times,
                                 step_end_times)
-from engine.transformer_costs import (ComputeModel, activation_bytes_per_layer, layer_params, stage_cost,
-                                      total_params)
+from engine.transformer_costs import (RECOMPUTE, ComputeModel, activation_bytes_per_layer, layer_params,
+                                      stage_cost, total_params)
 from engine.validate import validate_plan
 from hardware_profiles import build_cluster, load_profile
 
@@ -54,15 +54,77 @@ def test_time_is_flops_over_peak_times_efficiency():
     assert half.gemm_us(2e9) == pytest.approx(2 * 2e9 / (1e6 * 0.5))  # half the efficiency at F_half
 
 
+# Korthikanti et al. 2022, Table 2: activation bytes of one layer and micro-batch on one TP rank,
+# 16-bit activations. Hand-worked for s=2048, b=1, h=4096, a=32, t=2:
+#   sbh = 2048 * 1 * 4096 = 8,388,608;  5as/h = 5 * 32 * 2048 / 4096 = 80
+# without sequence parallelism (what the workload models):
+#   none      sbh(10 + 24/t + 5as/(ht)) = sbh(10 + 12 + 40) = 62 sbh = 520,093,696
+#   selective sbh(10 + 24/t)            = sbh(10 + 12)      = 22 sbh = 184,549,376
+#   full      2sbh                                            =  2 sbh =  16,777,216
+# with sequence parallelism (everything split over t):
+#   none      sbh(34 + 5as/h)/t = sbh(34 + 80)/2 = 57 sbh = 478,150,656
+#   selective 34sbh/t           = 17 sbh               = 142,606,336
+#   full      2sbh/t            =  1 sbh               =   8,388,608
+KORTHIKANTI_T2 = {"s": 2048, "b": 1, "h": 4096, "a": 32, "t": 2}
+
+
+def korthikanti_spec(recompute, **over):
+    shape = {**KORTHIKANTI_T2, **over}
+    return spec_from_dict({"kind": "transformer", "layers": 2, "hidden": shape["h"], "heads": shape["a"],
+                           "seq_len": shape["s"], "vocab": 1024, "global_batch": shape["b"],
+                           "micro_batch": shape["b"], "activation_recompute": recompute,
+                           "parallelism": {"tp": shape["t"]}})
+
+
+@pytest.mark.parametrize("sequence_parallel,recompute,expected", [
+    (False, "none", 520_093_696), (False, "selective", 184_549_376), (False, "full", 16_777_216),
+    (True, "none", 478_150_656), (True, "selective", 142_606_336), (True, "full", 8_388_608)])
+def test_activation_memory_per_layer_is_korthikanti_table_2(sequence_parallel, recompute, expected):
+    sp = korthikanti_spec(recompute)
+    assert activation_bytes_per_layer(sp, sequence_parallel=sequence_parallel) == expected
+    # the form with the spec's own recompute is the one the recompute argument names
+    assert activation_bytes_per_layer(korthikanti_spec("none"), recompute, sequence_parallel) == expected
+
+
+def test_activation_memory_default_is_the_no_sequence_parallel_form():
+    """The workload has no sequence parallelism: the default and the stage costs use the no-SP form."""
+    for recompute, expected in (("none", 520_093_696), ("selective", 184_549_376), ("full", 16_777_216)):
+        sp = korthikanti_spec(recompute)
+        assert activation_bytes_per_layer(sp) == expected
+        # stage 0 holds 1 layer (pp=2 below) plus the embedding dropout mask and output 2sbh/t = 8,388,608
+        two = spec_from_dict({"kind": "transformer", "layers": 2, "hidden": 4096, "heads": 32, "seq_len": 2048,
+                              "vocab": 1024, "global_batch": 1, "micro_batch": 1, "activation_recompute": recompute,
+                              "parallelism": {"tp": 2, "pp": 2}})
+        assert stage_cost(two, 0).activation_bytes == expected + 8_388_608
+
+
+@pytest.mark.parametrize("recompute,expected", [
+    # t=4: sbh = 8,388,608, 5as/(ht) = 80/4 = 20; no SP: sbh(10 + 6 + 20) = 36 sbh, sbh(10 + 6) = 16 sbh, 2 sbh
+    ("none", 36 * 8_388_608), ("selective", 16 * 8_388_608), ("full", 2 * 8_388_608)])
+def test_activation_memory_without_sequence_parallelism_at_t4(recompute, expected):
+    assert activation_bytes_per_layer(korthikanti_spec(recompute, t=4)) == expected
+    assert expected == {"none": 301_989_888, "selective": 134_217_728, "full": 16_777_216}[recompute]
+
+
+@pytest.mark.parametrize("recompute", RECOMPUTE)
+def test_activation_forms_coincide_without_tensor_parallelism(recompute):
+    # t=1: sbh(10 + 24 + 80) = 114 sbh = sbh(34 + 80); 34 sbh both ways; 2 sbh both ways
+    sp = korthikanti_spec(recompute, t=1)
+    expected = {"none": 114 * 8_388_608, "selective": 34 * 8_388_608, "full": 2 * 8_388_608}[recompute]
+    assert activation_bytes_per_layer(sp) == activation_bytes_per_layer(sp, sequence_parallel=True) == expected
+
+
 @pytest.mark.parametrize("recompute,per_layer", [
-    ("none", lambda s, b, h, a: s * b * h * (34 + 5 * a * s / h)), ("selective", lambda s, b, h, a: 34 * s * b * h),
-    ("full", lambda s, b, h, a: 2 * s * b * h)])
-def test_activation_memory_is_korthikanti_divided_by_tp(recompute, per_layer):
+    # BASE at tp=2: s=512, b=2, h=1024, a=16: sbh = 1,048,576, 5as/(ht) = 5 * 16 * 512 / (1024 * 2) = 20
+    ("none", 42 * 1_048_576),       # sbh(10 + 12 + 20) = 44,040,192
+    ("selective", 22 * 1_048_576),  # sbh(10 + 12)      = 23,068,672
+    ("full", 2 * 1_048_576)])       # 2sbh              =  2,097,152
+def test_middle_stage_forward_holds_its_layers_activations_until_w(recompute, per_layer):
     sp = spec(activation_recompute=recompute, layers=9, parallelism={"tp": 2, "pp": 3})
-    assert activation_bytes_per_layer(sp) == int(per_layer(512, 2, 1024, 16)) // 2
+    assert activation_bytes_per_layer(sp) == per_layer
     wl = build_transformer(sp, H100)
     middle = wl.op("F0.s1.t1")  # a stage without embedding or logits: 3 layers
-    assert middle.memory_bytes == 3 * activation_bytes_per_layer(sp)
+    assert middle.memory_bytes == 3 * per_layer
     assert middle.release == ("W0.s1.t1",)
 
 
@@ -145,6 +207,51 @@ def test_full_recompute_holds_the_layer_working_set_during_backward():
     c = stage_cost(sp, 0)
     assert c.backward_temp_bytes == (34 * 512 * 2 * 1024 + 5 * 16 * 512 * 512 * 2)
     assert c.B.flops > stage_cost(spec(), 0).B.flops  # the forward runs again
+    # tp=2, no sequence parallelism: one layer's no-recompute set sbh(10 + 24/t + 5as/(ht)) = 42 sbh
+    assert stage_cost(spec(activation_recompute="full", parallelism={"tp": 2}), 0).backward_temp_bytes == 44_040_192
+    # selective: the attention scores 5as^2b/t = 5 * 16 * 512^2 * 2 / 2 = 20,971,520 during B
+    assert stage_cost(spec(activation_recompute="selective", parallelism={"tp": 2}), 0).backward_temp_bytes == 20_971_520
+
+
+def test_first_stage_peak_memory_under_1f1b_is_static_plus_pp_microbatches_in_flight():
+    """Peak per GPU of pipeline rank 0, by hand: weights + gradients + optimizer + pp in-flight
+    micro-batch activations + the selective-recompute working set of one backward."""
+    from engine.cost import CommModel
+    from engine.pipeline_time import one_f_one_b_order, semi_active_plan
+    from engine.validate import peak_memory
+    from simulator.simulate import simulate
+
+    sp = spec(layers=4, global_batch=16, activation_recompute="selective", distributed_optimizer=True,
+              parallelism={"tp": 2, "pp": 2, "dp": 2})
+    assert sp.microbatches == 4
+    # parameters on one GPU of stage 0 (2 layers), every layer weight split over t=2 as modelled:
+    #   layer: QKV + proj 4h^2 + 4h, MLP 2hf + f + h, two norms 4h = 12h^2 + 13h = 12,596,224 (h=1024, f=4h)
+    #   2 layers / t = 12,596,224; word embedding V h / t = 32000 * 1024 / 2 = 16,384,000;
+    #   learned positions s h = 512 * 1024 = 524,288 (not split)  ->  29,504,512 parameters
+    params = 29_504_512
+    # bf16: 2 B weights + 4 B fp32 gradients + (4 B master + 4 B m + 4 B v) / dp with ZeRO-1 (dp=2)
+    #   = 2 + 4 + 12/2 = 12 B per parameter = 354,054,144 B
+    static = 354_054_144
+    assert static == params * (2 + 4) + params * 12 // 2
+    # activations of one micro-batch on stage 0 (s=512, b=2, h=1024, a=16, t=2, sbh = 1,048,576):
+    #   2 layers x sbh(10 + 24/2) = 2 x 23,068,672 = 46,137,344, + embedding dropout mask and
+    #   output 2sbh/t = 1,048,576  ->  47,185,920
+    act = 47_185_920
+    # selective recomputation: B re-creates the attention scores 5as^2b/t = 20,971,520 while it runs
+    temp = 20_971_520
+    # 1F1B: stage 0 holds pp = 2 micro-batches when it runs a backward (F0 F1 B0 W0 F2 B1 ...)
+    peak = static + 2 * act + temp
+    assert peak == 469_397_504  # 447.7 MiB
+    wl = build_transformer(sp, H100)
+    stage0 = [gpu_of(sp, d, 0, r) for d in range(2) for r in range(2)]
+    assert stage0 == [0, 1, 4, 5]
+    assert all(wl.static_memory_bytes[g] == static for g in stage0)
+    comm = CommModel(H100)
+    plan = semi_active_plan(wl, one_f_one_b_order(sp, wl), H100, comm)
+    planned = peak_memory(plan, wl)
+    assert [planned[g] for g in stage0] == [peak] * 4
+    res = simulate(plan, wl, H100, timeline=False)
+    assert [res.devices[g]["peak_memory_bytes"] for g in stage0] == [peak] * 4
 
 
 @pytest.mark.parametrize("bad,match", [
