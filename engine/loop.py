@@ -18,7 +18,8 @@ whole. The planner then solves again, warm-started from the best plan so far re-
 new model, and the new plan is simulated. The loop stops when ``|predicted - simulated| / simulated <= tolerance``,
 when the simulated makespan has not improved for ``patience`` iterations, or after
 ``max_iters`` iterations. It returns the best simulated plan, so it is never worse than the
-first one.
+first one; an iteration that agrees and ties the best is returned instead. ``converged`` says
+whether the returned plan's predicted and simulated makespan agree within ``tolerance``.
 """
 
 from __future__ import annotations
@@ -108,7 +109,14 @@ def refine(scenario, *, planner: str | None = None, progress: Callable[[Iteratio
         else:
             since_best += 1
         if it.gap <= opts["tolerance"]:
-            converged, reason = True, f"predicted and simulated makespan within {opts['tolerance']:.2%}"
+            if best[0] != k and sim.makespan_us <= best[2].makespan_us * (1 + 1e-9):
+                best = (k, plan, sim)  # as fast as the best so far and its prediction holds: return this one
+            # ``converged`` describes the plan returned (the best), not merely the last one
+            converged = iterations[best[0]].gap <= opts["tolerance"]
+            reason = f"predicted and simulated makespan within {opts['tolerance']:.2%}"
+            if not converged:
+                reason = (f"iteration {k}: {reason}, but the best plan (iteration {best[0]}) is "
+                          f"{iterations[best[0]].gap:.2%} off its prediction")
         elif since_best >= opts["patience"]:
             reason = f"no improvement for {opts['patience']} iterations"
         elif k + 1 >= opts["max_iters"]:

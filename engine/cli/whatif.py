@@ -47,8 +47,10 @@ def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path
         click.echo(f"resuming: {len(rows)} of {len(combos)} combinations already in {results}", err=True)
 
     def finish(combo, figures):
-        rows.append({"vary": combo, **figures})
-        save_results(results, scenario.name, rows, len(combos))
+        row = {"vary": combo, **figures}
+        # saved before it is counted, so a Ctrl-C during the write never reports a row the file lacks
+        save_results(results, scenario.name, rows + [row], len(combos))
+        rows.append(row)
 
     try:
         with click.progressbar(length=len(todo), label="what-if", file=sys.stderr) as bar:
