@@ -1,6 +1,6 @@
 """How fast the list-scheduling planner plans: ops per second on random layered graphs.
 
-Graphs: ``engine.graphgen`` "layered" (about sqrt(n) layers, 1-3 inputs per op, 100-1000 us per
+Graphs: ``engine.workloads.graphgen`` "layered" (about sqrt(n) layers, 1-3 inputs per op, 100-1000 us per
 op, 1 MiB per edge, every op free to run on any GPU) of 1k, 10k and 100k ops, planned on one
 8-GPU h100-sxm node. The time is ``plan_heuristic`` alone (best of a few runs for the small
 sizes); building the graph and validating the plan are not timed. Prints one JSON object.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cost import CommModel  # noqa: E402
-from engine.graphgen import generate  # noqa: E402
-from engine.heuristic import plan_heuristic  # noqa: E402
-from engine.validate import lower_bounds, validate_plan  # noqa: E402
-from engine.workloads import graph_from_dict  # noqa: E402
+from engine.core.comm import CommModel  # noqa: E402
+from engine.workloads.graphgen import generate  # noqa: E402
+from engine.planners.heuristic import plan_heuristic  # noqa: E402
+from engine.planners.validate import lower_bounds, validate_plan  # noqa: E402
+from engine.workloads.pipeline import graph_from_dict  # noqa: E402
 from hardware_profiles import build_cluster, load_profile  # noqa: E402
 
 SIZES = ((1_000, 5), (10_000, 3), (100_000, 1))  # (ops, timed runs)

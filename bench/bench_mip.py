@@ -17,7 +17,7 @@ with each speed-up switched off (:data:`ABLATE`), also "cold" (no warm start) fo
 (bench/reference_optimum.py, CP-SAT; needs ``pip install '.[reference]'``): the MIP's own bound
 there is the load bound, which its relaxation does not raise. Without OR-Tools the record says so.
 
-``nic_capacity``: the MIP with and without NIC capacity (:mod:`engine.mip_nic`) on the
+``nic_capacity``: the MIP with and without NIC capacity (:mod:`engine.planners.mip.nic`) on the
 quickstart and contention_2node scenarios, predicted against simulated makespan.
 
 Run: ``python bench/bench_mip.py [--quick] [--only NAME]``.
@@ -33,14 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cost import CommModel  # noqa: E402
-from engine.errors import InputError, write_atomic  # noqa: E402
-from engine.graphgen import generate  # noqa: E402
-from engine.heuristic import plan_heuristic  # noqa: E402
-from engine.mip import plan_mip  # noqa: E402
-from engine.mip_model import DEFAULT_SPEEDUPS  # noqa: E402
-from engine.validate import peak_memory, validate_plan  # noqa: E402
-from engine.workloads import build_pipeline, graph_from_dict  # noqa: E402
+from engine.core.comm import CommModel  # noqa: E402
+from engine.core.errors import InputError, write_atomic  # noqa: E402
+from engine.workloads.graphgen import generate  # noqa: E402
+from engine.planners.heuristic import plan_heuristic  # noqa: E402
+from engine.planners.mip.plan import plan_mip  # noqa: E402
+from engine.planners.mip.model import DEFAULT_SPEEDUPS  # noqa: E402
+from engine.planners.validate import peak_memory, validate_plan  # noqa: E402
+from engine.workloads.pipeline import build_pipeline, graph_from_dict  # noqa: E402
 from hardware_profiles import build_cluster, load_profile  # noqa: E402
 from reference_optimum import available as reference_available, solve_reference  # noqa: E402
 
@@ -191,8 +191,8 @@ def nic_capacity_runs(args, threads: int = 2) -> list[dict] | None:
     --ablation-only and by an --only that does not name "nic"."""
     if args.ablation_only or (args.only and args.only not in "nic_capacity"):
         return None
-    from engine.mip import plan_mip_scenario
-    from engine.scenario import load_scenario
+    from engine.planners.mip.plan import plan_mip_scenario
+    from engine.scenario.loader import load_scenario
     from simulator.simulate import simulate
 
     out = []

@@ -26,11 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.graphgen import generate as generate_graph  # noqa: E402
-from engine.scenario import load_scenario, scenario_from_dict  # noqa: E402
-from engine.schedules.library import SCHEDULE_NAMES, applicable  # noqa: E402
-from engine.schedules.study import compare, simulate_row  # noqa: E402
-from engine.schedules.timing import schedule_plan  # noqa: E402
+from engine.workloads.graphgen import generate as generate_graph  # noqa: E402
+from engine.scenario.loader import load_scenario, scenario_from_dict  # noqa: E402
+from engine.planners.schedules.library import SCHEDULE_NAMES, applicable  # noqa: E402
+from engine.study.compare import compare, simulate_row  # noqa: E402
+from engine.planners.schedules.timing import schedule_plan  # noqa: E402
 
 GIB = 1 << 30
 
@@ -89,8 +89,8 @@ def dualpipe_study(args) -> dict:
 
 def ablation(args) -> dict:
     """The MIP on dualpipe_pp8_mb20 at DualPipe's memory with only its own warm starts."""
-    from engine.mip import plan_mip
-    from engine.validate import peak_memory
+    from engine.planners.mip.plan import plan_mip
+    from engine.planners.validate import peak_memory
 
     sc = load_scenario(ROOT / "scenarios" / "dualpipe_pp8_mb20.yaml")
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from hardware_profiles import build_cluster, load_profile  # noqa: E402
 from simulator.collectives import collective_time  # noqa: E402
 from simulator.simulate import simulate, simulate_collective, simulate_transfers  # noqa: E402
 from simulator.synthetic import training_step  # noqa: E402
-from simulator.calibration.nccl_tests import PERF_NAMES, out_of_place_times  # noqa: E402
+from engine.calibration.nccl_tests import PERF_NAMES, out_of_place_times  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nccl-tests-h100"
 # (group, log, nodes, GPUs per node, collectives compared, target)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.ir import Workload  # noqa: E402
+from engine.core.ir import Workload  # noqa: E402
 
 
 def available() -> bool:
@@ -98,8 +98,8 @@ def solve_reference(workload: Workload, cluster, time_limit_s: float = 120.0, wo
 
 
 def main(argv=None) -> None:
-    from engine.graphgen import generate
-    from engine.workloads import graph_from_dict
+    from engine.workloads.graphgen import generate
+    from engine.workloads.pipeline import graph_from_dict
     from hardware_profiles import build_cluster, load_profile
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

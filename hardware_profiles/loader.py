@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 from hardware_profiles.profile import DTYPES, FIELD_BY_PATH, FIELDS, Field, Profile, profile_from_flat
 
 PACKAGE_DIR = Path(__file__).resolve().parent

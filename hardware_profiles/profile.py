@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 
 GIB = 2**30
 GBS = 1e3  # GB/s -> bytes/us
@@ -237,7 +237,7 @@ class Fabric:
 @dataclass(frozen=True)
 class Comm:
     """Communication software costs and calibrated collective efficiencies (see
-    ``simulator.calibration``)."""
+    ``engine.calibration``)."""
 
     message_overhead_us: float
     buffer_passes: float

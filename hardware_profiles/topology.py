@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 from hardware_profiles.profile import LINK_CLASSES, Profile
 
 _MASK = (1 << 64) - 1

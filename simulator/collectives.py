@@ -37,9 +37,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from engine.errors import InputError
-from engine.ir import COLLECTIVE_OPS
-from simulator.calibration.tuning import holds_full_nodes, tune_phases
+from engine.core.errors import InputError
+from engine.core.ir import COLLECTIVE_OPS
+from simulator.tuning import holds_full_nodes, tune_phases
 from simulator.p2p_channels import connection_cap
 
 ALGOS = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Mapping
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 
 
 class SimulationOOM(InputError):

@@ -14,7 +14,7 @@ after its source ends, so a semi-active plan made with that model simulates to i
 ``mode="alpha_beta"`` skips flow sharing: every transfer takes ``cluster.transfer_time`` and
 every collective its closed-form time. Equal ops of symmetric replicas run once
 (:mod:`simulator.symmetry`; ``symmetry=False`` simulates every op). The event loop itself is
-:mod:`simulator.engine`; memory and OOM are worked out from the op times (:mod:`simulator.gpu`).
+:mod:`simulator.event_loop`; memory and OOM are worked out from the op times (:mod:`simulator.gpu`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InputError
-from engine.ir import Edge, Op, Placement, Plan, Workload
+from engine.core.errors import InputError
+from engine.core.ir import Edge, Op, Placement, Plan, Workload
 from simulator.collectives import CollectivePlanner
-from simulator.engine import Engine
+from simulator.event_loop import Engine
 from simulator.gpu import SimulationOOM, memory_profile
 from simulator.result import SimResult, build_result
 from simulator.streams import check_deadlock, check_plan, stream_sequences
@@ -142,7 +142,7 @@ def _simulate(plan, workload, cluster, seed, jitter, mode, allow_oom, symmetry, 
 
 def simulate_collective(cluster: Any, op: str, nbytes: int, ranks, algo: str = "auto", mode: str = "flow") -> float:
     """Time in us of one collective alone, run through the simulator (flow or alpha_beta mode)."""
-    from engine.ir import Collective, Op, Placement
+    from engine.core.ir import Collective, Op, Placement
     from simulator.collectives import choose_algo, normalize_op
 
     ranks = tuple(int(g) for g in ranks)

@@ -3,12 +3,12 @@
 Each GPU has a ``compute`` and a ``comm`` stream. ``plan.order[d]`` gives GPU ``d``'s own ops in
 issue order; a collective also occupies the comm stream of every other GPU of its group, where
 it is merged in by its planned (start, end, id), before the first own op with a later key (the
-rule ``engine.validate`` uses). An op runs when its predecessor on each stream it occupies has
+rule ``engine.planners.validate`` uses). An op runs when its predecessor on each stream it occupies has
 ended and its inputs have arrived, so an order that contradicts the dependencies deadlocks:
 :func:`stream_sequences` finds that before simulating and names a cycle.
 
 Bad input (a plan for another workload, GPUs outside the cluster, an order that deadlocks) is
-one :class:`engine.errors.InputError`.
+one :class:`engine.core.errors.InputError`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Mapping
 
-from engine.errors import InputError
-from engine.ir import Plan, Workload
-from engine.ir import stream_sequences as ir_stream_sequences
+from engine.core.errors import InputError
+from engine.core.ir import Plan, Workload
+from engine.core.ir import stream_sequences as ir_stream_sequences
 
 STREAMS = ("compute", "comm")
 

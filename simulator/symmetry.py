@@ -27,7 +27,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from engine.ir import Plan, Workload
+from engine.core.ir import Plan, Workload
 
 KIND_COMPUTE, KIND_COMM, KIND_COLLECTIVE = 0, 1, 2
 MAX_ROUNDS = 64  # refinement rounds before giving up on symmetry (the partition is not yet stable)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from engine.ir import Collective, Edge, Op, Placement, Plan, Workload
+from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
 
 
 def gpu_of(r: int, s: int, t: int, tp: int, pp: int) -> int:

@@ -5,7 +5,7 @@ One process per GPU (``pid`` = GPU index, named "GPU d (node n)") with a thread 
 its GPU and stream, a collective on the comm stream of every GPU of its group. Counters
 (``ph: C``): per GPU ``memory`` (bytes), and under a "network" process one counter per link
 with its utilisation share over time. Events are sorted and keys too, so the same result
-gives the same bytes. Written with :func:`engine.errors.write_atomic`.
+gives the same bytes. Written with :func:`engine.core.errors.write_atomic`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.errors import write_atomic
-from engine.ir import Workload
+from engine.core.errors import write_atomic
+from engine.core.ir import Workload
 
 TIDS = {"compute": 0, "comm": 1}
 

@@ -1,6 +1,6 @@
 """A small fake cluster for tests that must not depend on ``hardware_profiles``.
 
-:class:`FakeCluster` exposes what planners, the validator and :class:`engine.cost.CommModel`
+:class:`FakeCluster` exposes what planners, the validator and :class:`engine.core.comm.CommModel`
 use: ``n_gpus``, ``gpus_per_node``, ``nodes``, ``gpu_model``, ``node_of``, ``route_class``,
 ``transfer_time`` and ``memory_cap_bytes``. Transfers are ``latency + bytes / bandwidth`` with
 one figure inside a node (NVLink) and one across nodes (NIC). Units: us, bytes, bytes/us.

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from engine.cli import main
 from hardware_profiles import build_cluster, load_profile, override_profile
 from hardware_profiles.loader import shipped_path
-from simulator.calibration.collective_fit import alternate_split, fit_collectives, points_from_lut, points_from_nccl
-from simulator.calibration.collective_model import CollectiveModel, CollectivePoint, mape
+from engine.calibration.collective_fit import alternate_split, fit_collectives, points_from_lut, points_from_nccl
+from engine.calibration.collective_model import CollectiveModel, CollectivePoint, mape
 from simulator.collectives import collective_time
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -124,7 +124,7 @@ def test_alternate_split_takes_every_other_size_per_curve():
 
 @needs_data
 def test_a100_allreduce_fitted_on_eight_gpus_predicts_two_four_and_eight_within_5_percent():
-    from simulator.calibration.vtrain import read_ar_lut
+    from engine.calibration.vtrain import read_ar_lut
 
     a100 = load_profile("a100-sxm4-80gb")
     tables = {g: points_from_lut(read_ar_lut(DATA / "vtrain-a100" / f"AR_GPU{g}_1M_1024M_LUT.csv")) for g in (2, 4, 8)}
@@ -139,7 +139,7 @@ def test_a100_allreduce_fitted_on_eight_gpus_predicts_two_four_and_eight_within_
 
 @needs_data
 def test_h100_nccl_tests_held_out_half_improves():
-    from simulator.calibration.nccl_tests import read_nccl_tests
+    from engine.calibration.nccl_tests import read_nccl_tests
 
     names = ["single_N1_G4_cnode3-002.log", "single_N1_G8_cnode3-002.log", "multi_N10_G1.log", "multi_N10_G8.log"]
     points, notes = points_from_nccl([read_nccl_tests(DATA / "nccl-tests-h100" / n) for n in names], 8)
@@ -160,7 +160,7 @@ def test_h100_nccl_tests_every_other_size_predicts_the_rest_within_5_percent():
     """Issue 7: single- and multi-node nccl-tests, fitted on every other size of every curve,
     predict the held-out half within 5% MAPE; the fitted bus bandwidth rises with size on every
     curve, NVLS beats the ring on one node, and every across-node point is NIC-bound."""
-    from simulator.calibration.nccl_tests import bus_factor, read_nccl_tests
+    from engine.calibration.nccl_tests import bus_factor, read_nccl_tests
 
     names = ["single_N1_G4_cnode3-002.log", "single_N1_G8_cnode3-002.log"] + [f"multi_N10_G{g}.log" for g in (1, 2, 4, 8)]
     points, notes = points_from_nccl([read_nccl_tests(DATA / "nccl-tests-h100" / n) for n in names], 8)
@@ -187,8 +187,8 @@ def test_h100_nccl_tests_every_other_size_predicts_the_rest_within_5_percent():
 
 @needs_data
 def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked():
-    from engine.compute_fit import IterationModel, fit_compute, random_split
-    from simulator.calibration.vtrain import read_ground_truth
+    from engine.calibration.compute_fit import IterationModel, fit_compute, random_split
+    from engine.calibration.vtrain import read_ground_truth
 
     runs = read_ground_truth(DATA / "vtrain-a100" / "ground_truth_single.csv")
     model = IterationModel(runs, build_cluster(load_profile("a100-sxm4-80gb"), 1))
@@ -200,9 +200,9 @@ def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked():
 
 @needs_data
 def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees():
-    from engine.compute_check import closed_form_us, simulated_us
-    from engine.compute_fit import IterationModel
-    from simulator.calibration.vtrain import read_ground_truth
+    from engine.calibration.compute_check import closed_form_us, simulated_us
+    from engine.calibration.compute_fit import IterationModel
+    from engine.calibration.vtrain import read_ground_truth
 
     runs = read_ground_truth(DATA / "vtrain-a100" / "ground_truth_single.csv")
     pick = [next(r for r in runs if (r.tp, r.pp, r.dp) == shape and r.microbatches <= 4)
@@ -215,10 +215,10 @@ def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees()
     vec = IterationModel(pick, cluster).predict(params)
     closed = [closed_form_us(r, cluster) for r in pick]
     assert vec == pytest.approx(closed, rel=1e-9)
-    from engine.cost import CommModel
-    from engine.transformer import build_transformer
-    from engine.compute_fit import run_spec
-    from engine.pipeline_time import one_f_one_b_order, semi_active_plan
+    from engine.core.comm import CommModel
+    from engine.workloads.transformer import build_transformer
+    from engine.calibration.compute_fit import run_spec
+    from engine.planners.pipeline_time import one_f_one_b_order, semi_active_plan
 
     for r, c in zip(pick, closed):
         sim, _ops = simulated_us(r, cluster)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InputError
-from simulator.calibration.kineto import OPS_CSV_COLUMNS, ops_csv, read_kineto
-from simulator.calibration.nccl_tests import bus_factor, read_nccl_tests
-from simulator.calibration.vtrain import read_ar_lut, read_ground_truth
+from engine.core.errors import InputError
+from engine.calibration.kineto import OPS_CSV_COLUMNS, ops_csv, read_kineto
+from engine.calibration.nccl_tests import bus_factor, read_nccl_tests
+from engine.calibration.vtrain import read_ar_lut, read_ground_truth
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared measured data not present")

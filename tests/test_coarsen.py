@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.coarsen import coarsen, count_pairs, expand, resolve_merge
-from engine.cost import CommModel
-from engine.errors import InputError
-from engine.ir import Edge, Op, Workload
-from engine.mip import plan_mip
-from engine.mip_instance import Instance
-from engine.mip_warm import best_schedule, makespan, memory_ok, semi_active
-from engine.validate import validate_plan
-from engine.workloads import build_pipeline
+from engine.planners.mip.coarsen import coarsen, count_pairs, expand, resolve_merge
+from engine.core.comm import CommModel
+from engine.core.errors import InputError
+from engine.core.ir import Edge, Op, Workload
+from engine.planners.mip.plan import plan_mip
+from engine.planners.mip.instance import Instance
+from engine.planners.mip.warm import best_schedule, makespan, memory_ok, semi_active
+from engine.planners.validate import validate_plan
+from engine.workloads.pipeline import build_pipeline
 from fakes import FakeCluster
 
 GIB = 1 << 30
@@ -62,8 +62,8 @@ def test_microbatch_groups_halve_a_pipeline():
 
 
 def test_edge_contraction_keeps_the_coarse_graph_acyclic_and_memory_conservative():
-    from engine.graphgen import generate
-    from engine.workloads import graph_from_dict
+    from engine.workloads.graphgen import generate
+    from engine.workloads.pipeline import graph_from_dict
 
     wl = graph_from_dict(generate("layered", 60, seed=3, gpus=3, memory_bytes=1 << 20))
     inst = instance(wl, FakeCluster(3), cap=1 << 40)
@@ -97,7 +97,7 @@ def test_expanded_coarse_schedules_are_feasible(n, target, seed):
     co = coarsen(inst, target)
     _, sched = best_schedule(co.inst)
     dev, start = semi_active(inst, *expand(co, inst, sched))
-    from engine.ir import Placement, Plan
+    from engine.core.ir import Placement, Plan
 
     plan = Plan("r", {inst.ids[i]: Placement(dev[i], start[i], start[i] + inst.dur[i][dev[i]]) for i in range(n)}, "t")
     assert validate_plan(plan, wl, cl, CommModel(cl), 1 << 40) == []
@@ -123,8 +123,8 @@ def test_count_pairs_by_hand():
 
 
 def test_merged_solve_reports_ops_before_and_after_and_validates():
-    from engine.graphgen import generate
-    from engine.workloads import graph_from_dict
+    from engine.workloads.graphgen import generate
+    from engine.workloads.pipeline import graph_from_dict
 
     wl = graph_from_dict(generate("layered", 80, seed=2, gpus=4, eligible=2))
     cl = FakeCluster(4)
@@ -157,10 +157,10 @@ def test_memory_area_bound_by_hand(p, m, cap, want):
 
 
 def test_window_mips_never_make_a_plan_worse_and_fix_a_poor_one():
-    from engine.graphgen import generate
-    from engine.mip_lns import improve, slack
-    from engine.mip_warm import eft_schedule, priority_rules
-    from engine.workloads import graph_from_dict
+    from engine.workloads.graphgen import generate
+    from engine.planners.mip.lns import improve, slack
+    from engine.planners.mip.warm import eft_schedule, priority_rules
+    from engine.workloads.pipeline import graph_from_dict
 
     wl = graph_from_dict(generate("layered", 30, seed=5, gpus=3, eligible=2))
     cl = FakeCluster(3)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from engine.errors import InputError, write_atomic
+from engine.core.errors import InputError, write_atomic
 
 
 def test_write_atomic_writes_whole_file_with_umask_permissions(tmp_path):

@@ -6,14 +6,14 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.commtable import DelayTable
-from engine.cost import CommModel
-from engine.errors import InfeasibleError
-from engine.ir import Collective, Edge, Op, Workload
-from engine.heuristic import plan_heuristic
-from engine.memtimeline import INF, MemoryTimeline
-from engine.validate import compact, lower_bounds, peak_memory, validate_plan
-from engine.workloads import build_pipeline
+from engine.core.delay_table import DelayTable
+from engine.core.comm import CommModel
+from engine.core.errors import InfeasibleError
+from engine.core.ir import Collective, Edge, Op, Workload
+from engine.planners.heuristic import plan_heuristic
+from engine.core.memory import INF, MemoryTimeline
+from engine.planners.validate import compact, lower_bounds, peak_memory, validate_plan
+from engine.workloads.pipeline import build_pipeline
 
 try:
     from fakes import FakeCluster, PacketCluster
@@ -270,8 +270,8 @@ def test_non_affine_transfer_times_fall_back_to_the_model():
 
 def test_with_a_real_h100_cluster():
     hp = pytest.importorskip("hardware_profiles")
-    from engine.graphgen import generate
-    from engine.workloads import graph_from_dict
+    from engine.workloads.graphgen import generate
+    from engine.workloads.pipeline import graph_from_dict
 
     for nodes in (1, 2):
         cluster = hp.build_cluster(hp.load_profile("h100-sxm"), nodes)

@@ -5,10 +5,10 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine.errors import InputError
-from engine.graphgen import GRAPH_KINDS, generate
-from engine.ir import Collective, Edge, Op, Placement, Plan, Transfer, Workload, bubble_us
-from engine.workloads import build_pipeline, graph_from_dict
+from engine.core.errors import InputError
+from engine.workloads.graphgen import GRAPH_KINDS, generate
+from engine.core.ir import Collective, Edge, Op, Placement, Plan, Transfer, Workload, bubble_us
+from engine.workloads.pipeline import build_pipeline, graph_from_dict
 
 
 def test_op_round_trip_keeps_every_field():
@@ -82,7 +82,7 @@ def test_bubble_is_makespan_minus_busiest_compute():
 
 
 def test_topological_indices_smallest_ready_first_and_cycles_refused():
-    from engine.ir import topological_indices
+    from engine.core.ir import topological_indices
 
     assert topological_indices(4, [(3, 0), (2, 1)]) == [2, 1, 3, 0]
     with pytest.raises(ValueError, match="cycle"):

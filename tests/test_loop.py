@@ -14,12 +14,12 @@ import yaml
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.cost import CommModel
-from engine.errors import InputError
-from engine.loop import refine, update_comm
-from engine.scenario import load_scenario
-from engine.validate import validate_plan
-from engine.whatif import apply, combinations, parse_vary
+from engine.core.comm import CommModel
+from engine.core.errors import InputError
+from engine.study.loop import refine, update_comm
+from engine.scenario.loader import load_scenario
+from engine.planners.validate import validate_plan
+from engine.study.whatif import apply, combinations, parse_vary
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"

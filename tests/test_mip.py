@@ -9,14 +9,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.cost import CommModel
-from engine.errors import InfeasibleError, InputError
-from engine.heuristic import plan_heuristic
-from engine.ir import Edge, Op, Workload
-from engine.mip import plan_mip
-from engine.mip_model import DEFAULT_SPEEDUPS
-from engine.validate import peak_memory, validate_plan
-from engine.workloads import build_pipeline
+from engine.core.comm import CommModel
+from engine.core.errors import InfeasibleError, InputError
+from engine.planners.heuristic import plan_heuristic
+from engine.core.ir import Edge, Op, Workload
+from engine.planners.mip.plan import plan_mip
+from engine.planners.mip.model import DEFAULT_SPEEDUPS
+from engine.planners.validate import peak_memory, validate_plan
+from engine.workloads.pipeline import build_pipeline
 from fakes import FakeCluster
 
 GIB = 1 << 30
@@ -160,8 +160,8 @@ def test_weighted_objective_trades_makespan_for_memory():
 # -- solver behaviour -----------------------------------------------------------------------------
 
 def layered(n, gpus, eligible, seed=1):
-    from engine.graphgen import generate
-    from engine.workloads import graph_from_dict
+    from engine.workloads.graphgen import generate
+    from engine.workloads.pipeline import graph_from_dict
 
     return graph_from_dict(generate("layered", n, seed=seed, gpus=gpus, eligible=eligible))
 
@@ -214,7 +214,7 @@ def test_unknown_objective_solver_and_switch_are_input_errors():
 
 
 def test_collective_occupies_every_gpu_of_its_group():
-    from engine.ir import Collective
+    from engine.core.ir import Collective
 
     ops = [Op("ar", 5.0, kind="comm", collective=Collective("all_reduce", (0, 1), 1024)),
            Op("s1", 3.0, kind="comm", devices=(1,)), Op("c0", 4.0, devices=(0,))]

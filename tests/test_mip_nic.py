@@ -21,19 +21,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.cost import CommModel
-from engine.errors import InputError
-from engine.ir import Edge, Op, Workload
-from engine.mip import choose_warm_start, plan_mip
-from engine.mip_instance import Instance
-from engine.mip_model import DEFAULT_SPEEDUPS, Builder
-from engine.mip_nic import nic_tasks
-from engine.mip_nic_sched import nic_semi_active
-from engine.mip_solve import warm_values
-from engine.mip_warm import makespan
-from engine.planners import plan_scenario
-from engine.scenario import load_scenario
-from engine.validate import validate_plan
+from engine.core.comm import CommModel
+from engine.core.errors import InputError
+from engine.core.ir import Edge, Op, Workload
+from engine.planners.mip.plan import choose_warm_start, plan_mip
+from engine.planners.mip.instance import Instance
+from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
+from engine.planners.mip.nic import nic_tasks
+from engine.planners.mip.nic_sched import nic_semi_active
+from engine.planners.mip.solve import warm_values
+from engine.planners.mip.warm import makespan
+from engine.planners.registry import plan_scenario
+from engine.scenario.loader import load_scenario
+from engine.planners.validate import validate_plan
 from fakes import FakeCluster
 from hardware_profiles import build_cluster, load_profile
 from simulator.simulate import simulate
@@ -289,7 +289,7 @@ def test_a_pipeline_across_nodes_fits_its_nic_holds_into_slack():
     (The simulator starts every transfer when its source ends and shares the NIC max-min
     fairly, which delays the first of two overlapping transfers; here it runs longer than
     either model predicts, so the two are not compared.)"""
-    from engine.workloads import build_pipeline
+    from engine.workloads.pipeline import build_pipeline
 
     cl = cluster(1, 2)
     wl = build_pipeline(2, 4, times_us={"F": 500.0, "B": 500.0, "W": 500.0}, send_bytes=B, stage_devices=[0, 1])

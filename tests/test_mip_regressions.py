@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-import engine.mip as mip
-from engine.cost import CommModel
-from engine.errors import InfeasibleError, InputError
-from engine.ir import Edge, Op, Workload
-from engine.mip import plan_mip, solve_instance
-from engine.mip_instance import Instance
-from engine.mip_model import DEFAULT_SPEEDUPS, Builder
-from engine.mip_solve import RawResult
-from engine.validate import validate_plan
-from engine.workloads import build_pipeline
+import engine.planners.mip.plan as mip
+from engine.core.comm import CommModel
+from engine.core.errors import InfeasibleError, InputError
+from engine.core.ir import Edge, Op, Workload
+from engine.planners.mip.plan import plan_mip, solve_instance
+from engine.planners.mip.instance import Instance
+from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
+from engine.planners.mip.solve import RawResult
+from engine.planners.validate import validate_plan
+from engine.workloads.pipeline import build_pipeline
 from fakes import FakeCluster
 
 GIB = 1 << 30
@@ -127,7 +127,7 @@ def test_a_dropped_relabelled_warm_start_still_bounds_the_horizon(monkeypatch):
     image breaks a memory cap it is dropped as a MIP start. The horizon (and so every big-M and
     time window) must still be the warm start's makespan, not the serial bound (~9x larger):
     relabelling keeps makespan and memory, so the optimum of the restricted model is no later."""
-    from engine.mip_warm import best_schedule, makespan
+    from engine.planners.mip.warm import best_schedule, makespan
 
     wl = build_pipeline(4, 8, times_us={"F": 1000.0, "B": 1000.0, "W": 1000.0})
     cluster = FakeCluster(4)

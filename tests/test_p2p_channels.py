@@ -11,10 +11,10 @@ import simpy
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.ir import Collective, Op, Placement, Plan, Workload
+from engine.core.ir import Collective, Op, Placement, Plan, Workload
 from hardware_profiles import build_cluster, load_profile, override_profile
-from simulator.calibration.collective_model import CollectiveModel, CollectivePoint
-from simulator.calibration.nccl_tests import out_of_place_times
+from engine.calibration.collective_model import CollectiveModel, CollectivePoint
+from engine.calibration.nccl_tests import out_of_place_times
 from simulator.collectives import CollectivePlanner, collective_time
 from simulator.network import Network
 from simulator.p2p_channels import connection_cap, nics_per_node, peer_channels, pow2_up

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cost import CommModel
-from engine.errors import InputError, write_atomic
+from engine.core.comm import CommModel
+from engine.core.errors import InputError, write_atomic
 from hardware_profiles import (FIELDS, PACKAGE_DIR, build_cluster, ecmp_index, list_profiles, load_profile,
                                override_profile)
 

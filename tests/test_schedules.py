@@ -3,21 +3,21 @@ step-level (runtime) and op-level views, and clear refusals where a schedule doe
 
 Formulas (comm = 0; F forward, B input gradient, W weight gradient, so a full backward is B+W):
 1F1B / GPipe (p-1)(F+B+W); ZB-H1 (p-1)(F+B+W-2W); DualPipe (p/2-1)(F&B + B+W - 3W); bubble =
-makespan - max compute-busy time (engine.ir.bubble_us).
+makespan - max compute-busy time (engine.core.ir.bubble_us).
 """
 
 import math
 
 import pytest
 
-from engine.cost import CommModel
-from engine.errors import InfeasibleError, InputError
-from engine.ir import bubble_us, compute_busy_us
-from engine.schedules import applicable, fuse, generate, runtime_plan, schedule_plan, schedule_workload
-from engine.schedules.actions import round_robin_stage_devices, v_stage_devices
-from engine.schedules.timing import ScheduleError
-from engine.validate import compact, peak_memory, validate_plan
-from engine.workloads import build_pipeline
+from engine.core.comm import CommModel
+from engine.core.errors import InfeasibleError, InputError
+from engine.core.ir import bubble_us, compute_busy_us
+from engine.planners.schedules import applicable, fuse, generate, runtime_plan, schedule_plan, schedule_workload
+from engine.planners.schedules.actions import round_robin_stage_devices, v_stage_devices
+from engine.planners.schedules.timing import ScheduleError
+from engine.planners.validate import compact, peak_memory, validate_plan
+from engine.workloads.pipeline import build_pipeline
 from fakes import FakeCluster
 
 CLUSTER = FakeCluster(16)
@@ -193,7 +193,7 @@ def test_schedules_refuse_workloads_they_do_not_fit(name, wl, field, words):
 
 
 def test_graph_workload_has_no_known_schedule():
-    from engine.workloads import graph_from_dict
+    from engine.workloads.pipeline import graph_from_dict
 
     g = graph_from_dict({"ops": [{"id": "a", "duration_us": 1}], "edges": []})
     with pytest.raises(InputError, match="needs a pipeline workload"):
@@ -221,7 +221,7 @@ def test_split_backward_without_w_runs_as_full_backward():
 def scenario(tmp_path, workload, cap=None):
     import yaml
 
-    from engine.scenario import load_scenario
+    from engine.scenario.loader import load_scenario
 
     raw = {"name": "s", "workload": workload, "cluster": {"profile": "h100-sxm", "nodes": 1}}
     if cap is not None:
@@ -236,7 +236,7 @@ UNIT = {"kind": "pipeline", "stages": 4, "microbatches": 8, "times_us": {"F": 10
 
 
 def test_schedule_planner_plans_the_scenario_workload(tmp_path):
-    from engine.planners import plan_scenario
+    from engine.planners.registry import plan_scenario
 
     sc = scenario(tmp_path, UNIT)
     plan = plan_scenario(sc, "schedule:zb-h1")

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 from hardware_profiles import build_cluster, load_profile
 from simulator.collectives import CollectivePlanner, bus_factor, collective_time
 from simulator.simulate import simulate_collective
-from simulator.calibration.nccl_tests import PERF_NAMES, out_of_place_times
+from engine.calibration.nccl_tests import PERF_NAMES, out_of_place_times
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nccl-tests-h100"
 GIB = 1 << 30

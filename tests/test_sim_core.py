@@ -5,13 +5,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.cost import CommModel
-from engine.errors import InputError
-from engine.graphgen import generate
-from engine.heuristic import plan_heuristic
-from engine.ir import Collective, Edge, Op, Placement, Plan, Workload
-from engine.validate import compact, peak_memory, validate_plan
-from engine.workloads import build_pipeline, graph_from_dict
+from engine.core.comm import CommModel
+from engine.core.errors import InputError
+from engine.workloads.graphgen import generate
+from engine.planners.heuristic import plan_heuristic
+from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
+from engine.planners.validate import compact, peak_memory, validate_plan
+from engine.workloads.pipeline import build_pipeline, graph_from_dict
 from hardware_profiles import build_cluster, load_profile
 from simulator.gpu import SimulationOOM
 from simulator.simulate import simulate
@@ -155,8 +155,8 @@ def test_same_seed_same_bytes_and_jitter_moves_times(two_nodes, tmp_path):
 
 
 def test_1f1b_bubble_formula_and_the_generated_schedules(two_nodes):
-    from engine.schedules.library import generate as gen_schedule
-    from engine.schedules.timing import schedule_plan
+    from engine.planners.schedules.library import generate as gen_schedule
+    from engine.planners.schedules.timing import schedule_plan
 
     p, m = 4, 8
     wl = build_pipeline(p, m, 1, {"F": 10.0, "B": 20.0})
@@ -217,13 +217,13 @@ def test_bad_input_is_one_input_error(two_nodes):
 
 
 def test_the_simulator_imports_only_the_ir_side_of_the_engine():
-    """DESIGN.md: the simulator imports ``engine.ir`` and ``hardware_profiles`` only, never the
-    MIP, the loop or the workload builders (``engine.errors``, the shared error and atomic-write
+    """DESIGN.md: the simulator imports ``engine.core.ir`` and ``hardware_profiles`` only, never the
+    MIP, the loop or the workload builders (``engine.core.errors``, the shared error and atomic-write
     helpers, counts with the IR). Checked on every module's import statements."""
     import ast
     from pathlib import Path
 
-    allowed = {"engine.ir", "engine.errors"}
+    allowed = {"engine.core.ir", "engine.core.errors"}
     root = Path(__file__).resolve().parents[1] / "simulator"
     bad = []
     for path in sorted(root.rglob("*.py")):

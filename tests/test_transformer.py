@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.cost import CommModel
-from engine.errors import InputError
-from engine.ir import Collective
-from engine.scenario import load_scenario, scenario_from_dict
-from engine.transformer import (build_transformer, gpu_of, rank_params, spec_from_dict, stage_times,
+from engine.core.comm import CommModel
+from engine.core.errors import InputError
+from engine.core.ir import Collective
+from engine.scenario.loader import load_scenario, scenario_from_dict
+from engine.workloads.transformer import (build_transformer, gpu_of, rank_params, spec_from_dict, stage_times,
                                 step_end_times)
-from engine.transformer_costs import (RECOMPUTE, ComputeModel, activation_bytes_per_layer, layer_params,
+from engine.workloads.transformer_costs import (RECOMPUTE, ComputeModel, activation_bytes_per_layer, layer_params,
                                       stage_cost, total_params)
-from engine.validate import validate_plan
+from engine.planners.validate import validate_plan
 from hardware_profiles import build_cluster, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,9 +216,9 @@ def test_full_recompute_holds_the_layer_working_set_during_backward():
 def test_first_stage_peak_memory_under_1f1b_is_static_plus_pp_microbatches_in_flight():
     """Peak per GPU of pipeline rank 0, by hand: weights + gradients + optimizer + pp in-flight
     micro-batch activations + the selective-recompute working set of one backward."""
-    from engine.cost import CommModel
-    from engine.pipeline_time import one_f_one_b_order, semi_active_plan
-    from engine.validate import peak_memory
+    from engine.core.comm import CommModel
+    from engine.planners.pipeline_time import one_f_one_b_order, semi_active_plan
+    from engine.planners.validate import peak_memory
     from simulator.simulate import simulate
 
     sp = spec(layers=4, global_batch=16, activation_recompute="selective", distributed_optimizer=True,
@@ -282,7 +282,7 @@ def test_scenario_errors_and_too_many_gpus():
 
 
 def test_shipped_scenario_plans_validates_and_simulates():
-    from engine.planners import plan_scenario
+    from engine.planners.registry import plan_scenario
     from simulator.simulate import simulate
 
     sc = load_scenario(ROOT / "scenarios" / "transformer_gpt1b_h100.yaml")
@@ -293,14 +293,14 @@ def test_shipped_scenario_plans_validates_and_simulates():
 
 
 def test_megatron_order_matches_the_closed_form_and_validates():
-    from engine.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
+    from engine.planners.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
                                                      send_time_us)
 
     comm = CommModel(H100)
     for par, gb in (({"pp": 4, "dp": 2}, 16), ({"pp": 2}, 16), ({"tp": 2, "pp": 2, "dp": 2}, 16)):
         sp = spec(global_batch=gb, parallelism=par)
         model = ComputeModel.from_profile(H100.profile, sp.dtype)
-        from engine.transformer import simulator_collective_us as coll
+        from engine.workloads.transformer import simulator_collective_us as coll
 
         wl = build_transformer(sp, H100)
         plan = semi_active_plan(wl, one_f_one_b_order(sp, wl), H100, comm)

@@ -6,10 +6,10 @@ across GPUs.
 
 import pytest
 
-from engine.cost import CommModel
-from engine.errors import InputError
-from engine.ir import Collective, Edge, Op, Placement, Plan, Workload
-from engine.validate import compact, lower_bounds, memory_caps, peak_memory, validate_plan
+from engine.core.comm import CommModel
+from engine.core.errors import InputError
+from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
+from engine.planners.validate import compact, lower_bounds, memory_caps, peak_memory, validate_plan
 
 try:
     from fakes import FakeCluster

@@ -1,6 +1,6 @@
 """The ``plansim`` command line: a click group whose commands live one per module here.
 
-Every command turns :class:`engine.errors.InputError` into one line on stderr and exit code 2.
+Every command turns :class:`engine.core.errors.InputError` into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 
 # Modules of engine.cli that define ``commands`` (a list of click commands).
 COMMAND_MODULES = [

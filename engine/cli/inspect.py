@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from engine.cli.common import emit_json
-from engine.errors import InputError, write_atomic
-from engine.graphgen import GRAPH_KINDS, generate
-from engine.ir import Plan
-from engine.scenario import load_scenario
+from engine.core.errors import InputError, write_atomic
+from engine.workloads.graphgen import GRAPH_KINDS, generate
+from engine.core.ir import Plan
+from engine.scenario.loader import load_scenario
 
 
 def read_plan(path: Path) -> Plan:
@@ -50,7 +50,7 @@ def check_cmd(plan_path, scenario, as_json):
 
     Exits 0 when the plan is valid, 1 when it has violations (each printed on one line).
     """
-    from engine.validate import validate_plan
+    from engine.planners.validate import validate_plan
 
     sc = load_scenario(scenario)
     plan = read_plan(plan_path)

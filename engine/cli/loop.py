@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from engine.cli.common import emit_json, human_bytes, table
-from engine.errors import write_atomic
-from engine.loop import UPDATE_MODES, Iteration, refine, simulate_plan
-from engine.scenario import load_scenario
+from engine.core.errors import write_atomic
+from engine.study.loop import UPDATE_MODES, Iteration, refine, simulate_plan
+from engine.scenario.loader import load_scenario
 
 
 def _print_progress(it: Iteration) -> None:
@@ -48,7 +48,7 @@ def loop_cmd(scenario, output, planner, time_limit_s, max_iters, tolerance, upda
     """Refine SCENARIO's plan with the contention the simulator observes, until they agree."""
     sc = load_scenario(scenario)
     if plot is not None:
-        from engine.plotting import require_matplotlib
+        from engine.study.plotting import require_matplotlib
 
         require_matplotlib()
     result = refine(sc, planner=planner, progress=None if as_json else _print_progress,
@@ -61,7 +61,7 @@ def loop_cmd(scenario, output, planner, time_limit_s, max_iters, tolerance, upda
 
         write_trace(simulate_plan(sc, result.best_plan, timeline=True), sc.workload, sc.cluster, trace)
     if plot is not None:
-        from engine.plotting import plot_loop
+        from engine.study.plotting import plot_loop
 
         plot_loop(result, plot, sc.name)
     if as_json:

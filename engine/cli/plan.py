@@ -7,15 +7,15 @@ from pathlib import Path
 import click
 
 from engine.cli.common import emit_json, human_bytes, table
-from engine.errors import write_atomic
-from engine.ir import Plan, bubble_us, compute_busy_us
-from engine.planners import plan_scenario
-from engine.scenario import load_scenario
+from engine.core.errors import write_atomic
+from engine.core.ir import Plan, bubble_us, compute_busy_us
+from engine.planners.registry import plan_scenario
+from engine.scenario.loader import load_scenario
 
 
 def plan_summary(plan: Plan, scenario, plan_path: str | None) -> dict:
     """The figures ``plansim plan --json`` prints (times in us, memory in bytes)."""
-    from engine.validate import peak_memory
+    from engine.planners.validate import peak_memory
 
     wl = scenario.workload
     makespan = float(plan.makespan_us)

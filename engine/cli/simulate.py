@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from engine.cli.common import emit_json, human_bytes, table
-from engine.errors import InputError, write_atomic
-from engine.ir import Plan
+from engine.core.errors import InputError, write_atomic
+from engine.core.ir import Plan
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -53,7 +53,7 @@ def _load_plan(path: Path) -> Plan:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, allow_oom, no_symmetry, as_json):
     """Simulate a plan of SCENARIO: makespan, bubble, memory, link utilisation."""
-    from engine.scenario import load_scenario
+    from engine.scenario.loader import load_scenario
     from simulator.simulate import simulate
     from simulator.trace import write_trace
 
@@ -62,7 +62,7 @@ def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, 
     if plan_path is not None:
         plan = _load_plan(plan_path)
     else:
-        from engine.planners import plan_scenario
+        from engine.planners.registry import plan_scenario
         plan = plan_scenario(sc, "heuristic")
     try:
         result = simulate(plan, sc.workload, sc.cluster, seed=sc.seed if seed is None else seed,

@@ -10,8 +10,8 @@ import click
 import yaml
 
 from engine.cli.common import emit_json, human_bytes, table
-from engine.errors import InputError, write_atomic
-from engine.whatif import (build_all, combinations, combo_key, load_results, parse_vary, run_one, save_results,
+from engine.core.errors import InputError, write_atomic
+from engine.study.whatif import (build_all, combinations, combo_key, load_results, parse_vary, run_one, save_results,
                            sorted_rows, to_csv)
 
 

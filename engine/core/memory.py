@@ -1,0 +1,60 @@
+"""Per-GPU memory bookkeeping for list schedulers (:mod:`engine.planners.heuristic`).
+
+An allocation is recorded as +bytes at its start and, once known, -bytes at its free time;
+until then it is *open* (live to infinity). Sizes in bytes, times in us. Per GPU the timeline
+keeps one net change per distinct time, so "frees at t happen before allocations at t" holds
+by construction: only the state after all changes at t is ever compared with the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+
+INF = math.inf
+
+
+class MemoryTimeline:
+    """Per GPU: net allocation changes over time, open (unfreed) bytes and reserved bytes."""
+
+    def __init__(self, caps: list[int], static: list[int]):
+        n = len(caps)
+        self.caps, self.static = caps, static
+        self.open = [0] * n
+        self.reserved = [0] * n  # bytes reserved for ops pinned to the GPU
+        self.flex_reserved = 0  # bytes reserved for ops that may go on several capped GPUs
+        self.times: list[list[float]] = [[] for _ in range(n)]
+        self.deltas: list[list[int]] = [[] for _ in range(n)]
+
+    def add(self, d: int, t: float, delta: int) -> None:
+        """Record ``delta`` bytes (+ allocate, - free) on GPU ``d`` at time ``t``."""
+        times, deltas = self.times[d], self.deltas[d]
+        k = bisect_left(times, t)
+        if k < len(times) and times[k] == t:
+            deltas[k] += delta
+        else:
+            times.insert(k, t)
+            deltas.insert(k, delta)
+
+    def earliest(self, d: int, m: int, r: float) -> float:
+        """Earliest ``t >= r`` from which usage on ``d`` stays <= cap - ``m`` (INF if never).
+
+        Usage only matters from ``t`` on because the new allocation is open: it lasts to infinity.
+        """
+        room = self.caps[d] - m
+        u = self.static[d] + self.open[d]  # usage after the last event
+        if u > room:
+            return INF
+        times, deltas = self.times[d], self.deltas[d]
+        k = len(times) - 1
+        while k >= 0 and times[k] > r:
+            before = u - deltas[k]
+            if before > room:
+                return times[k]
+            u = before
+            k -= 1
+        return r
+
+    def used(self, d: int) -> int:
+        """Bytes that stay resident on ``d`` once every placed, freed allocation is gone."""
+        return self.static[d] + self.open[d]

@@ -1,0 +1,1 @@
+"""Planners (heuristic, known schedules, MIP), their registry and the independent validator."""

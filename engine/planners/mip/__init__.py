@@ -1,0 +1,1 @@
+"""The MIP planner: a flexible job-shop in Pyomo, solved by HiGHS."""

@@ -1,0 +1,65 @@
+"""Planner dispatch: name -> function(scenario, options) -> Plan, and the validator gate.
+
+Every plan that leaves :func:`plan_scenario` has passed :func:`engine.planners.validate.validate_plan`;
+a plan that fails it is a bug in a planner and raises :class:`PlanInvalidError`, never output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from engine.core.errors import InputError
+from engine.core.ir import Plan
+
+
+class PlanInvalidError(RuntimeError):
+    """A planner produced a plan the independent validator rejects (a bug, not bad input)."""
+
+
+def _heuristic(scenario, options: dict[str, Any]) -> Plan:
+    from engine.planners.heuristic import plan_heuristic
+
+    return plan_heuristic(scenario.workload, scenario.cluster, scenario.comm, memory_cap=scenario.memory_cap_bytes)
+
+
+def _schedule(scenario, options: dict[str, Any]) -> Plan:
+    from engine.planners.schedules.library import schedule_planner
+
+    return schedule_planner(scenario, options)
+
+
+def _mip(scenario, options: dict[str, Any]) -> Plan:
+    from engine.planners.mip.plan import plan_mip_scenario
+
+    return plan_mip_scenario(scenario, options)
+
+
+# name -> planner(scenario, options). Options are the scenario's ``solver`` section with any
+# command-line overrides applied.
+PLANNERS: dict[str, Callable[[Any, dict[str, Any]], Plan]] = {
+    "heuristic": _heuristic,
+    "schedule:": _schedule,
+    "mip": _mip,
+}
+
+
+def planner_names() -> list[str]:
+    return sorted(PLANNERS)
+
+
+def plan_scenario(scenario, planner: str | None = None, **overrides: Any) -> Plan:
+    """Plan ``scenario`` with ``planner`` (default: the scenario's ``solver.planner``)."""
+    from engine.planners.validate import validate_plan
+
+    options = {**scenario.solver, **{k: v for k, v in overrides.items() if v is not None}}
+    name = planner or options["planner"]
+    key = name.split(":", 1)[0] + ":" if ":" in name else name
+    fn = PLANNERS.get(key)
+    if fn is None:
+        raise InputError(scenario.path, "solver.planner", f"unknown planner {name!r}; one of {', '.join(planner_names())}")
+    options["planner"] = name
+    plan = fn(scenario, options)
+    violations = validate_plan(plan, scenario.workload, scenario.cluster, scenario.comm, scenario.memory_cap_bytes)
+    if violations:
+        raise PlanInvalidError(f"planner {name} produced an invalid plan ({len(violations)} violations): {violations[0]}")
+    return plan

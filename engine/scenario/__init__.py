@@ -1,0 +1,1 @@
+"""Scenario files: the loader that validates them into a workload, a cluster and typed options."""

@@ -1,0 +1,1 @@
+"""Studies over planners and the simulator: the loop, what-if sweeps, schedule comparisons."""

@@ -1,0 +1,1 @@
+"""Workload builders: pipelines, op graphs, transformer training iterations."""
