@@ -32,13 +32,13 @@ UPDATE_STUDY = ("quickstart", "contention_2node", "moe_branchy")
 
 def run(path: Path, time_limit_s: float, update: str | None = None) -> dict:
     sc = load_scenario(path)
-    limit = min(float(sc.solver["time_limit_s"]), time_limit_s)
+    limit = min(float(sc.solver.time_limit_s), time_limit_s)
     t0 = time.perf_counter()
     res = refine(sc, solver_options={"time_limit_s": limit}, update=update)
     wall = time.perf_counter() - t0
     first, best, last = res.iterations[0], res.iterations[res.best_k], res.iterations[-1]
     return {
-        "planner": sc.solver["planner"], "time_limit_s": limit, "n_ops": len(sc.workload),
+        "planner": sc.solver.planner, "time_limit_s": limit, "n_ops": len(sc.workload),
         "iterations": len(res.iterations), "converged": res.converged, "reason": res.reason,
         "first_simulated_us": first.simulated_us, "best_simulated_us": best.simulated_us, "best_k": res.best_k,
         "best_over_first": best.simulated_us / first.simulated_us, "final_gap": last.gap,

@@ -1,6 +1,6 @@
 """Benchmark of the MIP planner: prints one JSON object with a record per run.
 
-Instances (DESIGN.md / issue 3):
+Instances (docs/DESIGN.md / issue 3):
 
 * ``pipe_p4_m8``, ``pipe_p8_m20``: unit pipelines (F = B = W = 1000 us), one direction; optima
   27 and 67 units; ``*_d2``: the same with two directions (DualPipe layout);
@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,7 +50,7 @@ UNIT_US = 1000.0
 ABLATION = ("tight_big_m", "symmetry", "dag_pairs", "load_cut", "warm_start", "lns")
 COLD = ("tight_big_m", "symmetry", "dag_pairs", "load_cut", "lns", "all")
 # instance -> (regime, time limit s, switches turned off one at a time). "warm": everything else
-# on; "cold": the warm start off too (as in DESIGN.md's trial); "all": every speed-up off.
+# on; "cold": the warm start off too (as in docs/DESIGN.md's trial); "all": every speed-up off.
 ABLATE = {
     "pipe_p4_m8": [("warm", 30, ABLATION), ("cold", 30, COLD)],
     "pipe_p8_m20": [("warm", 60, ABLATION)],
@@ -193,18 +194,15 @@ def nic_capacity_runs(args, threads: int = 2) -> list[dict] | None:
         return None
     from engine.planners.mip.plan import plan_mip_scenario
     from engine.scenario.loader import load_scenario
-    from simulator.simulate import simulate
+    from engine.scenario.simulation import simulate_scenario
 
     out = []
     for name in ("quickstart", "contention_2node"):
         sc = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / f"{name}.yaml")
-        sim_opts = sc.simulator
         for on in (False, True):
-            plan = plan_mip_scenario(sc, {**sc.solver, "threads": threads, "time_limit_s": 10 if args.quick else 20,
-                                          "nic_capacity": on})
-            sim = simulate(plan, sc.workload, sc.cluster, seed=sc.seed, jitter=sim_opts["jitter"], mode=sim_opts["mode"],
-                           allow_oom=sim_opts["allow_oom"], symmetry=sim_opts["symmetry"],
-                           comm_compute_slowdown=sim_opts["comm_compute_slowdown"], timeline=False)
+            plan = plan_mip_scenario(sc, replace(sc.solver, threads=threads, time_limit_s=10 if args.quick else 20,
+                                                 nic_capacity=on))
+            sim = simulate_scenario(sc, plan)
             out.append({"scenario": name, "nic_capacity": on, "predicted_makespan_us": plan.makespan_us,
                         "simulated_makespan_us": sim.makespan_us, "status": plan.status,
                         "n_binaries": plan.meta.get("n_binaries"), "nic_binaries": plan.meta.get("nic_binaries", 0),

@@ -10,7 +10,7 @@
 """
 
 from hardware_profiles.loader import PACKAGE_DIR, list_profiles, load_profile, override_profile, profile_from_dict
-from hardware_profiles.profile import DTYPES, FIELD_BY_PATH, FIELDS, LINK_CLASSES, GPU, Comm, Fabric, Node, Profile
+from hardware_profiles.profile import DTYPES, FIELD_BY_PATH, FIELDS, GPU, LINK_CLASSES, Comm, Fabric, Node, Profile
 from hardware_profiles.topology import Cluster, build_cluster, ecmp_index
 
 __all__ = [

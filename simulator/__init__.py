@@ -1,1 +1,1 @@
-"""plansim's SimPy cluster simulator. Imports engine.core.ir and hardware_profiles only."""
+"""plansim's SimPy cluster simulator. Imports engine.core only (see the layers in docs/DESIGN.md)."""

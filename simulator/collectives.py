@@ -39,8 +39,8 @@ from typing import Any, Sequence
 
 from engine.core.errors import InputError
 from engine.core.ir import COLLECTIVE_OPS
-from simulator.tuning import holds_full_nodes, tune_phases
 from simulator.p2p_channels import connection_cap
+from simulator.tuning import holds_full_nodes, tune_phases
 
 ALGOS = {
     "all_reduce": ("ring", "tree", "nvls"),

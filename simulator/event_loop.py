@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import simpy
 
@@ -29,6 +29,9 @@ from simulator.collectives import CollectivePlanner
 from simulator.gpu import ComputeStream
 from simulator.network import Network
 from simulator.symmetry import KIND_COMM, KIND_COMPUTE, Model, edge_salt
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
 
 
 class CountingEnvironment(simpy.Environment):
@@ -52,7 +55,7 @@ class CountingEnvironment(simpy.Environment):
 class Engine:
     """The event loop over a :class:`Model`."""
 
-    def __init__(self, model: Model, ops: dict[str, Any], cluster: Any, planner: CollectivePlanner, coll_plan,
+    def __init__(self, model: Model, ops: dict[str, Any], cluster: Cluster, planner: CollectivePlanner, coll_plan,
                  mode: str, slowdown: float, timeline: bool):
         self.m = model
         self.ops = ops  # workload.ops

@@ -42,7 +42,7 @@ class Flow:
                  "on_done", "started")
 
     def __init__(self, fid: int, links: tuple[int, ...], weights: tuple[float, ...], nbytes: float,
-                 solo: float, on_done: Callable[[], None] | None, now: float):
+                 solo: float, on_done: Callable[[], object] | None, now: float):
         self.fid = fid
         self.links = links
         self.weights = weights
@@ -125,7 +125,7 @@ class Network:
         return min(self.cap[l] / w for l, w in zip(links, weights))
 
     def transfer(self, links: Sequence[int], weights: Sequence[float], nbytes: float, latency_us: float,
-                 on_done: Callable[[], None], solo: float | None = None) -> None:
+                 on_done: Callable[[], object], solo: float | None = None) -> None:
         """After ``latency_us``, move ``nbytes`` per sub-flow over ``links``; then call ``on_done``.
 
         ``solo``: the bundle's stand-alone rate if the caller has it cached."""
@@ -139,7 +139,7 @@ class Network:
         self.start(links, weights, nbytes, on_done, solo)
 
     def start(self, links: Sequence[int], weights: Sequence[float], nbytes: float,
-              on_done: Callable[[], None] | None, solo: float | None = None) -> Flow | None:
+              on_done: Callable[[], object] | None, solo: float | None = None) -> Flow | None:
         """Start a bundle now (no latency). A bundle with no bytes or no links ends at once."""
         if nbytes <= 0 or not links:
             if on_done is not None:
@@ -268,6 +268,8 @@ class Network:
                 self._mark(l, now)
 
     def _mark(self, l: int, now: float) -> None:
+        if self.timeline is None:
+            raise RuntimeError("Network._mark needs a timeline (callers mark only when one is kept)")
         share = max(0.0, min(1.0, self.load[l] / self.cap[l])) if self.on_link[l] else 0.0
         tl = self.timeline[l]
         if tl and tl[-1][0] == now:

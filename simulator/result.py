@@ -46,7 +46,7 @@ class SimResult:
 
     @property
     def bubble_us(self) -> float:
-        """makespan - max over GPUs of compute-busy time (DESIGN.md)."""
+        """makespan - max over GPUs of compute-busy time (docs/DESIGN.md)."""
         busy = max((d["busy_us"] for d in self.devices.values()), default=0.0)
         return self.makespan_us - busy
 

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from engine.core.errors import InputError
-from engine.core.ir import Edge, Op, Placement, Plan, Workload
-from simulator.collectives import CollectivePlanner
+from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
+from engine.core.memory import memory_caps
+from simulator.collectives import CollectivePlanner, choose_algo, normalize_op
 from simulator.event_loop import Engine
 from simulator.gpu import SimulationOOM, memory_profile
 from simulator.result import SimResult, build_result
@@ -94,10 +95,9 @@ def _simulate(plan, workload, cluster, seed, jitter, mode, allow_oom, symmetry, 
         if ops[o].collective is not None:
             try:
                 coll_plan(ops[o])
-            except InputError as e:
-                raise InputError(None, f"ops[{o}].collective.{e.field}", e.reason) from None
-    cap = workload.memory_cap_bytes
-    caps = {d: int(cap) if cap is not None else int(cluster.memory_cap_bytes(d)) for d in range(cluster.n_gpus)}
+            except InputError as err:
+                raise InputError(None, f"ops[{o}].collective.{err.field}", err.reason) from None
+    caps = dict(enumerate(memory_caps(workload, cluster)))
     use_symmetry = symmetry and jitter == 0
     model = build_model(workload, plan, seqs, durations, cluster, lambda op: coll_plan(op).time_us(planner.bandwidth),
                         caps, use_symmetry, ops)
@@ -142,9 +142,6 @@ def _simulate(plan, workload, cluster, seed, jitter, mode, allow_oom, symmetry, 
 
 def simulate_collective(cluster: Any, op: str, nbytes: int, ranks, algo: str = "auto", mode: str = "flow") -> float:
     """Time in us of one collective alone, run through the simulator (flow or alpha_beta mode)."""
-    from engine.core.ir import Collective, Op, Placement
-    from simulator.collectives import choose_algo, normalize_op
-
     ranks = tuple(int(g) for g in ranks)
     name = normalize_op(op)
     choose_algo(cluster, name, ranks, algo)

@@ -14,16 +14,19 @@ one :class:`engine.core.errors.InputError`.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from engine.core.errors import InputError
 from engine.core.ir import Plan, Workload
 from engine.core.ir import stream_sequences as ir_stream_sequences
 
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
+
 STREAMS = ("compute", "comm")
 
 
-def check_plan(plan: Plan, workload: Workload, cluster: Any, ops: Mapping[str, Any] | None = None) -> None:
+def check_plan(plan: Plan, workload: Workload, cluster: Cluster, ops: Mapping[str, Any] | None = None) -> None:
     """The plan places exactly the workload's ops on GPUs of the cluster, each listed once in order.
 
     ``ops``: ``workload.ops`` if the caller has it (it is rebuilt on every access)."""
@@ -117,7 +120,8 @@ def _find_cycle(nodes: set[str], succ: Mapping[str, list[str]]) -> list[str]:
             if b in nodes and b not in pred_in:
                 pred_in[b] = a
     # walk predecessors until a node repeats
-    walk, pos = [], {}
+    walk: list[str] = []
+    pos: dict[str, int] = {}
     o = min(nodes)
     while o not in pos:
         pos[o] = len(walk)

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from engine.core.ir import Plan, Workload
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
 
 KIND_COMPUTE, KIND_COMM, KIND_COLLECTIVE = 0, 1, 2
 MAX_ROUNDS = 64  # refinement rounds before giving up on symmetry (the partition is not yet stable)
@@ -76,7 +79,7 @@ def edge_salt(u: str, v: str) -> int:
 
 
 def build_model(workload: Workload, plan: Plan, seqs: Mapping[tuple[int, str], list[str]],
-                durations: Mapping[str, float], cluster: Any, coll_time: Any, caps: Mapping[int, int],
+                durations: Mapping[str, float], cluster: Cluster, coll_time: Any, caps: Mapping[int, int],
                 symmetry: bool = True, ops: Mapping[str, Any] | None = None) -> Model:
     """The classes to simulate. ``coll_time(op) -> us`` is a collective's contention-free time;
     ``ops``: ``workload.ops`` if the caller has it."""
@@ -91,10 +94,13 @@ def build_model(workload: Workload, plan: Plan, seqs: Mapping[tuple[int, str], l
             return model
     ident = {o: i for i, o in enumerate(names)}
     devs = {d: d for d in range(cluster.n_gpus)}
-    return _quotient(workload, ops, plan, seqs, durations, cluster, ident, devs)
+    model = _quotient(workload, ops, plan, seqs, durations, cluster, ident, devs)
+    if model is None:  # one class per op fits any checked plan's streams
+        raise RuntimeError("the plan's stream sequences do not match its placements (unchecked plan?)")
+    return model
 
 
-def _transfer(cluster: Any, du: int, dv: int, nbytes: int) -> float:
+def _transfer(cluster: Cluster, du: int, dv: int, nbytes: int) -> float:
     return 0.0 if du == dv or nbytes <= 0 else cluster.transfer_time(du, dv, nbytes)
 
 
@@ -250,11 +256,11 @@ def _quotient(workload, ops, plan, seqs, durations, cluster, op_color, dev_color
         # per class pair, edges group by bytes and contention-free delay (0: same GPU or no bytes)
         tt = _transfer(cluster, du, dv, b) if grouped else float(du != dv and b > 0)
         key = (cls_of[u], cls_of[v], b, tt)
-        k = dep_index.get(key)
-        if k is None:
-            k = dep_index[key] = len(deps)
+        di = dep_index.get(key)
+        if di is None:
+            di = dep_index[key] = len(deps)
             deps.append(Dep(cls_of[u], cls_of[v], int(b), [], tt > 0))
-        deps[k].edges.append((u, v, du, dv))
+        deps[di].edges.append((u, v, du, dv))
     in_deps = [0] * len(classes)
     out_deps: list[list[int]] = [[] for _ in classes]
     for k, dep in enumerate(deps):

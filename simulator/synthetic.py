@@ -15,9 +15,14 @@ stage and tensor rank). Times in us, sizes in bytes.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Mapping
 
 from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
+from simulator.simulate import simulate
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
 
 
 def gpu_of(r: int, s: int, t: int, tp: int, pp: int) -> int:
@@ -26,7 +31,7 @@ def gpu_of(r: int, s: int, t: int, tp: int, pp: int) -> int:
 
 def training_step(tp: int, pp: int, dp: int, microbatches: int, *, times_us: Mapping[str, float] | None = None,
                   send_bytes: int = 32 << 20, tp_bytes: int = 64 << 20, grad_bytes: int = 1 << 30,
-                  activation_bytes: int = 2 << 30, static_bytes: int = 20 << 30, cluster: Any = None,
+                  activation_bytes: int = 2 << 30, static_bytes: int = 20 << 30, cluster: Cluster | None = None,
                   name: str | None = None) -> tuple[Workload, Plan]:
     """The workload and its 1F1B plan (see the module docstring).
 
@@ -56,19 +61,19 @@ def training_step(tp: int, pp: int, dp: int, microbatches: int, *, times_us: Map
             for slot, (ph, k) in enumerate(seq):
                 base = 4.0 * (slot + 2 * s)
                 half = times[ph] / 2
-                tag = dict(stage=s, microbatch=k, phase=ph)
+                tagged = partial(Op, stage=s, microbatch=k, phase=ph)
                 a_id, b_id = ("Fa", "Fb") if ph == "F" else ("Ba", "Bb")
                 ar = f"AR{ph}{k}.s{s}.r{r}"
                 for t, g in enumerate(group):
                     sfx = f"{k}.s{s}.r{r}.t{t}"
-                    mem = dict(memory_bytes=activation_bytes, release=(f"Bb{sfx}",)) if ph == "F" else {}
-                    add(Op(f"{a_id}{sfx}", half, devices=(g,), **mem, **tag), g, base)
+                    mem, release = (activation_bytes, (f"Bb{sfx}",)) if ph == "F" else (0, ())
+                    add(tagged(f"{a_id}{sfx}", half, devices=(g,), memory_bytes=mem, release=release), g, base)
                     edges.append(Edge(f"{a_id}{sfx}", ar, 0))
                     edges.append(Edge(ar, f"{b_id}{sfx}", 0))
-                add(Op(ar, 0.0, kind="comm", collective=Collective("all_reduce", group, tp_bytes), **tag), group[0],
+                add(tagged(ar, 0.0, kind="comm", collective=Collective("all_reduce", group, tp_bytes)), group[0],
                     base + 1)
                 for t, g in enumerate(group):
-                    add(Op(f"{b_id}{k}.s{s}.r{r}.t{t}", half, devices=(g,), **tag), g, base + 2)
+                    add(tagged(f"{b_id}{k}.s{s}.r{r}.t{t}", half, devices=(g,)), g, base + 2)
                 for t in range(tp):
                     sfx = f"{k}.s{s}.r{r}.t{t}"
                     if ph == "F":
@@ -94,8 +99,6 @@ def training_step(tp: int, pp: int, dp: int, microbatches: int, *, times_us: Map
     plan = Plan(wl.name, placements, "1f1b", status="schedule", order=order)
     if cluster is None:
         return wl, plan
-    from simulator.simulate import simulate
-
     res = simulate(plan, wl, cluster, mode="alpha_beta", allow_oom=True, timeline=False)
     timed = {o: Placement(d, s, e) for o, (d, s, e) in res.op_times.items()}
     return wl, Plan(wl.name, timed, "1f1b", status="schedule", makespan_us=res.makespan_us, order=order)
@@ -104,4 +107,6 @@ def training_step(tp: int, pp: int, dp: int, microbatches: int, *, times_us: Map
 def _device(op: Op, order: dict[int, list[str]]) -> int:
     if op.collective is not None:
         return op.collective.group[0]
+    if op.devices is None:  # every non-collective op here is pinned to its GPU
+        raise RuntimeError(f"op {op.id} has neither devices nor a collective")
     return op.devices[0]

@@ -27,7 +27,7 @@ from engine.core.ir import Edge, Op, Workload
 from engine.planners.mip.plan import choose_warm_start, plan_mip
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
-from engine.planners.mip.nic import nic_tasks
+from engine.planners.mip.nic_tasks import nic_tasks
 from engine.planners.mip.nic_sched import nic_semi_active
 from engine.planners.mip.solve import warm_values
 from engine.planners.mip.warm import makespan
@@ -319,7 +319,7 @@ def test_scenario_option_switches_it_on(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
     sc = load_scenario(path)
-    assert sc.solver["nic_capacity"] is True
+    assert sc.solver.nic_capacity is True
     assert plan_scenario(sc).meta["nic_capacity"] is True
     raw["solver"]["nic_capacity"] = "yes"
     path.write_text(yaml.safe_dump(raw))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-import engine.planners.mip.plan as mip
+import engine.planners.mip.solution as mip
 from engine.core.comm import CommModel
 from engine.core.errors import InfeasibleError, InputError
 from engine.core.ir import Edge, Op, Workload
-from engine.planners.mip.plan import plan_mip, solve_instance
+from engine.planners.mip.plan import plan_mip
+from engine.planners.mip.solution import solve_instance
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
 from engine.planners.mip.solve import RawResult

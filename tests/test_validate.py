@@ -9,7 +9,8 @@ import pytest
 from engine.core.comm import CommModel
 from engine.core.errors import InputError
 from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
-from engine.planners.validate import compact, lower_bounds, memory_caps, peak_memory, validate_plan
+from engine.core.memory import memory_caps
+from engine.planners.validate import compact, lower_bounds, peak_memory, validate_plan
 
 try:
     from fakes import FakeCluster

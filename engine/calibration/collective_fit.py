@@ -30,8 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from engine.calibration.collective_model import (CLASSES, OPS, CollectiveModel, CollectivePoint, CommParams,
-                                                    mape)
+from engine.calibration.collective_model import CLASSES, OPS, CollectiveModel, CollectivePoint, CommParams, mape
 from engine.calibration.nccl_tests import NcclLog
 from engine.calibration.vtrain import LutRow
 

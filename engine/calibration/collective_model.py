@@ -40,8 +40,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from simulator.tuning import (NIC_SIDE, buffer_bytes, collective_scale, fixed_us, full_node_share,
-                                         holds_full_nodes)
+from hardware_profiles import build_cluster, override_profile
+from simulator.collectives import CollectivePlanner
+from simulator.tuning import NIC_SIDE, buffer_bytes, collective_scale, fixed_us, full_node_share, holds_full_nodes
 
 CLASSES = ("nvlink", "pcie", "nic", "spine")
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv", "broadcast")
@@ -139,9 +140,6 @@ class CollectiveModel:
     """Decomposed plans of a list of points, evaluated for any :class:`CommParams`."""
 
     def __init__(self, profile: Any, points: Sequence[CollectivePoint]):
-        from hardware_profiles import build_cluster, override_profile
-        from simulator.collectives import CollectivePlanner
-
         self.profile = profile
         self.points = list(points)
         self.base = CommParams.from_profile(profile)

@@ -12,17 +12,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.calibration.compute_fit import run_spec
+from engine.calibration.vtrain import VtrainRun
 from engine.core.comm import CommModel
-from engine.planners.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
-                                 send_time_us)
+from engine.planners.pipeline_time import iteration_time_1f1b, one_f_one_b_order, semi_active_plan, send_time_us
 from engine.workloads.transformer import build_transformer, simulator_collective_us, stage_times, step_end_times
 from engine.workloads.transformer_costs import ComputeModel
-from engine.calibration.vtrain import VtrainRun
+from hardware_profiles import Cluster, build_cluster
+from simulator.simulate import simulate
 
 MAX_MICROBATCHES = 8  # keep the sampled simulations small
 
 
-def closed_form_us(run: VtrainRun, cluster: Any) -> float:
+def closed_form_us(run: VtrainRun, cluster: Cluster) -> float:
     """The closed-form 1F1B iteration time of ``run`` on ``cluster`` (its profile's compute model)."""
     spec = run_spec(run)
     model = ComputeModel.from_profile(cluster.profile, spec.dtype)
@@ -32,10 +33,8 @@ def closed_form_us(run: VtrainRun, cluster: Any) -> float:
                                                                          st[0].cost.send_bytes))
 
 
-def simulated_us(run: VtrainRun, cluster: Any) -> tuple[float, int]:
+def simulated_us(run: VtrainRun, cluster: Cluster) -> tuple[float, int]:
     """(simulated makespan of the 1F1B plan, op count) of ``run`` on ``cluster``."""
-    from simulator.simulate import simulate
-
     spec = run_spec(run)
     wl = build_transformer(spec, cluster, name=f"vtrain-line{run.line}")
     plan = semi_active_plan(wl, one_f_one_b_order(spec, wl), cluster, CommModel(cluster))
@@ -45,8 +44,6 @@ def simulated_us(run: VtrainRun, cluster: Any) -> tuple[float, int]:
 def check_with_simulator(runs: Sequence[VtrainRun], profile: Any, nodes: int, k: int, seed: int = 0) -> list[dict]:
     """Closed form against the simulator on ``k`` runs sampled (seeded) among the small ones,
     one per (tp, pp) shape while shapes last."""
-    from hardware_profiles import build_cluster
-
     shapes: dict[tuple[int, int], list[VtrainRun]] = {}
     for r in runs:
         if r.microbatches <= MAX_MICROBATCHES:

@@ -23,17 +23,27 @@ fp16, no recomputation, no distributed optimizer, tied embeddings, one pipeline 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from engine.core.comm import CommModel
-from engine.planners.pipeline_time import send_time_us
-from engine.workloads.transformer import (Parallelism, TransformerSpec, check_spec, rank_params, simulator_collective_us,
-                                stage_times, step_end_times)
-from engine.workloads.transformer_costs import OPTIMIZER_BYTES_PER_PARAM, ComputeModel, PhaseCost
 from engine.calibration.collective_model import mape
 from engine.calibration.vtrain import VtrainRun
+from engine.core.comm import CommModel
+from engine.planners.pipeline_time import send_time_us
+from engine.workloads.transformer import (
+    Parallelism,
+    TransformerSpec,
+    check_spec,
+    rank_params,
+    simulator_collective_us,
+    stage_times,
+    step_end_times,
+)
+from engine.workloads.transformer_costs import OPTIMIZER_BYTES_PER_PARAM, ComputeModel, PhaseCost
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
 
 GPT2_VOCAB = 50257
 PARAM_NAMES = ("compute_efficiency", "gemm_half_gflop", "memory_efficiency", "kernel_overhead_us")
@@ -82,7 +92,7 @@ class _Group:
 class IterationModel:
     """Closed-form iteration times of many runs for any compute parameters."""
 
-    def __init__(self, runs: Sequence[VtrainRun], cluster: Any, vocab: int = GPT2_VOCAB, precision: str = "fp16"):
+    def __init__(self, runs: Sequence[VtrainRun], cluster: Cluster, vocab: int = GPT2_VOCAB, precision: str = "fp16"):
         self.runs = list(runs)
         self.cluster = cluster
         self.specs = [run_spec(r, vocab, precision) for r in self.runs]

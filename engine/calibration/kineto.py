@@ -157,7 +157,8 @@ def read_kineto(path: str | Path) -> KinetoTrace:
     for e in events:
         if not isinstance(e, dict) or e.get("ph") != "X" or e.get("cat") not in GPU_CATEGORIES:
             continue
-        args = e.get("args") if isinstance(e.get("args"), dict) else {}
+        raw_args = e.get("args")
+        args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
         try:
             ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
         except (KeyError, TypeError, ValueError):
@@ -170,7 +171,8 @@ def read_kineto(path: str | Path) -> KinetoTrace:
         kernels.append(KernelEvent(**k))
     kernels.sort(key=lambda k: (k.device if k.device is not None else -1, k.stream if k.stream is not None else -1,
                                 k.ts_us, k.name))
-    dist = meta.get("distributedInfo") if isinstance(meta.get("distributedInfo"), dict) else {}
+    raw_dist = meta.get("distributedInfo")
+    dist: dict[str, Any] = raw_dist if isinstance(raw_dist, dict) else {}
     names = tuple(str(d.get("name")) for d in meta.get("deviceProperties", []) if isinstance(d, dict))
     return KinetoTrace(str(path), kernels, _int(dist.get("world_size")), _int(dist.get("rank")), names)
 
@@ -187,7 +189,7 @@ def _nccl_fields(name: str, args: dict) -> dict:
         out["protocol"] = m.group(3).upper() if m.group(3) else None
     if recorded is not None:
         out["collective"] = COLLECTIVE_NAMES.get(str(recorded).lower(), str(recorded).lower())
-    else:
+    elif m is not None:  # always: with neither a match nor a recorded name we returned above
         out["collective"] = _KERNEL_WORDS.get(m.group(1).lower(), m.group(1).lower())
     nin, nout = _int(args.get("In msg nelems")), _int(args.get("Out msg nelems"))
     dtype = args.get("dtype")

@@ -172,7 +172,7 @@ def read_nccl_tests(path: str | Path, text: str | None = None) -> NcclLog:
     log = NcclLog(source=str(path), tests=[])
     test: NcclTest | None = None
     has_root = True
-    pending_version = (None, None)
+    pending_version: tuple[str | None, str | None] = (None, None)
 
     def current() -> NcclTest:
         nonlocal test
@@ -269,7 +269,11 @@ def _collective_from_name(name: str) -> str:
 def _fill_ranks(log: NcclLog, path: Path) -> None:
     """Give every test and row its rank and node counts (see the module docstring)."""
     m = _FILE_NG.search(path.name)
-    file_nodes, file_gpus = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    file_nodes: int | None = None
+    file_ranks: int | None = None  # nodes x GPUs per node, from the file name
+    if m:
+        file_nodes = int(m.group(1))
+        file_ranks = file_nodes * int(m.group(2))
     for t in log.tests:
         if t.ranks is None:
             t.ranks = ranks_from_busbw(t.collective, t.rows)
@@ -280,7 +284,7 @@ def _fill_ranks(log: NcclLog, path: Path) -> None:
         if t.ranks is None and known:
             t.ranks = max(set(known), key=known.count)  # one job per file: the others tell
         if t.ranks is None and file_nodes:
-            t.ranks = file_nodes * file_gpus
-        if t.nodes is None and file_nodes and (t.ranks is None or t.ranks == file_nodes * file_gpus):
+            t.ranks = file_ranks
+        if t.nodes is None and file_nodes and (t.ranks is None or t.ranks == file_ranks):
             t.nodes = file_nodes
         t.rows = [replace(r, ranks=t.ranks, nodes=t.nodes) for r in t.rows]

@@ -9,30 +9,30 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from engine.core.errors import InputError, write_atomic
+from hardware_profiles import override_profile
 
 
 def fitted_profile(profile: Any, overrides: dict[str, Any], what: str) -> Any:
     """``profile`` with ``overrides`` applied and its description noting the calibration."""
-    from hardware_profiles import override_profile
-
     desc = profile.description or profile.name
     note = f" [calibrated: {what}]"
     return override_profile(profile, {**overrides, "description": desc.split(" [calibrated:")[0] + note})
 
 
-def error_pct(pred: Sequence[float], meas: Sequence[float]) -> np.ndarray:
+def error_pct(pred: ArrayLike, meas: ArrayLike) -> np.ndarray:
     """Signed relative error in percent: (predicted - measured) / measured x 100."""
-    pred, meas = np.asarray(pred, float), np.asarray(meas, float)
-    return (pred - meas) / meas * 100.0
+    p, m = np.asarray(pred, float), np.asarray(meas, float)
+    return (p - m) / m * 100.0
 
 
-def plot_fit(path: str | Path, measured: Sequence[float], before: Sequence[float], after: Sequence[float],
-             heldout: Sequence[bool] | None, title: str, unit: str = "us") -> Path:
+def plot_fit(path: str | Path, measured: ArrayLike, before: ArrayLike, after: ArrayLike,
+             heldout: ArrayLike | None, title: str, unit: str = "us") -> Path:
     """Write the measured-vs-predicted plot to ``path`` (PNG)."""
     try:
         import matplotlib

@@ -138,10 +138,10 @@ def read_ground_truth(path: str | Path) -> list[VtrainRun]:
     out = []
     for lineno, r in enumerate(rows[1:], start=2):
         try:
-            vals = {k: (float(r[i]) if k == "iter_ms" else int(r[i])) for k, i in idx.items()}
+            ms = float(r[idx["iter_ms"]])
+            vals = {k: int(r[i]) for k, i in idx.items() if k != "iter_ms"}
         except (ValueError, IndexError):
             raise InputError(path, f"line {lineno}", f"malformed row {','.join(r)!r}") from None
-        ms = vals.pop("iter_ms")
         run = VtrainRun(iter_us=ms * 1e3, line=lineno, **vals)
         if run.tp * run.dp * run.pp != run.gpus:
             raise InputError(path, f"line {lineno}", f"tp x dp x pp = {run.tp * run.dp * run.pp} != # GPUs {run.gpus}")

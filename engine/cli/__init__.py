@@ -12,21 +12,37 @@ import click
 
 from engine.core.errors import InputError
 
-# Modules of engine.cli that define ``commands`` (a list of click commands).
-COMMAND_MODULES = [
-    "plan",
-    "inspect",
-    "profiles",
-    "simulate",
-    "compare",
-    "loop",
-    "whatif",
-    "calibrate",
-]
+# command name -> the module of engine.cli that defines it (in its ``commands`` list). A command's
+# module is imported only when that command runs: importing them all (Pyomo, SciPy, SimPy) doubles
+# the start-up of every command (0.95 s against 0.48 s for ``plansim --help`` on this machine).
+COMMANDS = {
+    "plan": "plan",
+    "check": "inspect",
+    "trace": "inspect",
+    "gen-graph": "inspect",
+    "profiles": "profiles",
+    "simulate": "simulate",
+    "collective": "simulate",
+    "compare": "compare",
+    "export": "compare",
+    "loop": "loop",
+    "whatif": "whatif",
+    "calibrate": "calibrate",
+}
 
 
 class PlansimGroup(click.Group):
-    """A group that reports bad input in one line with exit code 2, never a traceback."""
+    """A group that loads each command's module on first use and reports bad input in one line
+    with exit code 2, never a traceback."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        return {c.name: c for c in importlib.import_module(f"engine.cli.{module}").commands}[name]
 
     def invoke(self, ctx):
         try:
@@ -43,8 +59,3 @@ class PlansimGroup(click.Group):
 @click.version_option(package_name="plansim")
 def main():
     """Plan operator-level parallelism as a MIP and check it in a cluster simulator."""
-
-
-for _name in COMMAND_MODULES:
-    for _cmd in importlib.import_module(f"engine.cli.{_name}").commands:
-        main.add_command(_cmd)

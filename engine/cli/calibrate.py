@@ -23,8 +23,17 @@ from pathlib import Path
 import click
 import numpy as np
 
+from engine.calibration.collective_fit import _get, alternate_split, fit_collectives, points_from_lut, points_from_nccl
+from engine.calibration.collective_model import CollectiveModel, mape
+from engine.calibration.compute_check import check_with_simulator
+from engine.calibration.compute_fit import IterationModel, fit_compute, random_split
+from engine.calibration.kineto import ops_csv, read_kineto
+from engine.calibration.nccl_tests import read_nccl_tests
+from engine.calibration.report import error_pct, fitted_profile, plot_fit
+from engine.calibration.vtrain import read_ar_lut, read_ground_truth
 from engine.cli.common import emit_json, human_bytes, table
 from engine.core.errors import InputError, write_atomic
+from hardware_profiles import build_cluster, load_profile
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -35,8 +44,6 @@ def calibrate():
 
 
 def _load_profile(name: str):
-    from hardware_profiles import load_profile
-
     return load_profile(name)
 
 
@@ -55,9 +62,6 @@ def _finish(converged: bool, message: str, profile, fitted, out: Path | None, as
 # ----- collectives ------------------------------------------------------------------------------
 
 def _collective_report(fit, title: str, plot: Path | None, as_json: bool, extra: dict | None = None) -> dict:
-    from engine.calibration.collective_fit import _get
-    from engine.calibration.report import error_pct, plot_fit
-
     meas = np.array([p.time_us for p in fit.points])
     err_b, err_a = error_pct(fit.before, meas), error_pct(fit.after, meas)
     params = {n: {"before": _get(fit.start, n), "after": _get(fit.params, n)} for n in fit.free}
@@ -94,8 +98,6 @@ def _collective_report(fit, title: str, plot: Path | None, as_json: bool, extra:
 
 
 def _run_collective_fit(profile, points, holdout: bool, start=None, max_evals: int = 400):
-    from engine.calibration.collective_fit import alternate_split, fit_collectives
-
     if not points:
         raise InputError(None, None, "no measurement the collective model covers")
     train = alternate_split(points) if holdout else None
@@ -117,10 +119,6 @@ _MAX_EVALS = click.option("--max-evals", type=click.IntRange(1), default=400, hi
 @_MAX_EVALS
 def nccl_tests_cmd(logs, profile_name, out, holdout, in_place, plot, as_json, max_evals):
     """Fit collective costs to nccl-tests LOGS (all_reduce_perf, all_gather_perf, ...)."""
-    from engine.calibration.collective_fit import points_from_nccl
-    from engine.calibration.nccl_tests import read_nccl_tests
-    from engine.calibration.report import fitted_profile
-
     profile = _load_profile(profile_name)
     parsed = [read_nccl_tests(p) for p in logs]
     points, notes = points_from_nccl(parsed, profile.node.gpus, "in-place" if in_place else "out-of-place")
@@ -146,11 +144,6 @@ def nccl_tests_cmd(logs, profile_name, out, holdout, in_place, plot, as_json, ma
 @_MAX_EVALS
 def allreduce_lut_cmd(luts, profile_name, out, checks, buffer_passes, holdout, plot, as_json, max_evals):
     """Fit all-reduce costs to vTrain-style LUT CSVs (size, count, type, time(ns), busbw)."""
-    from engine.calibration.collective_fit import points_from_lut
-    from engine.calibration.collective_model import CollectiveModel, mape
-    from engine.calibration.report import fitted_profile
-    from engine.calibration.vtrain import read_ar_lut
-
     profile = _load_profile(profile_name)
     points = [p for f in luts for p in points_from_lut(read_ar_lut(f))]
     if not points:
@@ -192,12 +185,6 @@ def allreduce_lut_cmd(luts, profile_name, out, checks, buffer_passes, holdout, p
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with every run).")
 def compute_cmd(vtrain_csv, profile_name, out, holdout, seed, check_sim, plot, as_json):
     """Fit the compute-efficiency model to measured Megatron iteration times."""
-    from hardware_profiles import build_cluster
-    from engine.calibration.compute_fit import IterationModel, fit_compute, random_split
-    from engine.calibration.compute_check import check_with_simulator
-    from engine.calibration.report import error_pct, fitted_profile, plot_fit
-    from engine.calibration.vtrain import read_ground_truth
-
     profile = _load_profile(profile_name)
     runs = read_ground_truth(vtrain_csv)
     gpus = max(r.gpus for r in runs)
@@ -250,8 +237,6 @@ def compute_cmd(vtrain_csv, profile_name, out, holdout, seed, check_sim, plot, a
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def kineto_cmd(trace, out, as_json):
     """Extract per-kernel durations (and NCCL message sizes) from a Kineto/Chrome TRACE."""
-    from engine.calibration.kineto import ops_csv, read_kineto
-
     tr = read_kineto(trace)
     if out is not None:
         write_atomic(out, ops_csv(tr))

@@ -43,3 +43,22 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+class SolverProgress:
+    """A progress display for people: one self-overwriting stderr line per solver callback
+    (elapsed s, incumbent and bound in us); :meth:`done` ends the line if one was drawn."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def __call__(self, elapsed: float, incumbent: float | None, bound: float | None) -> None:
+        inc = f"{incumbent:,.1f}" if incumbent is not None else "-"
+        bnd = f"{bound:,.1f}" if bound is not None else "-"
+        gap = f"{100 * (incumbent - bound) / incumbent:.2f}%" if incumbent and bound is not None else "-"
+        click.echo(f"\r  MIP {elapsed:6.1f} s   incumbent {inc}   bound {bnd}   gap {gap}   ", err=True, nl=False)
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            click.echo("", err=True)

@@ -8,8 +8,12 @@ from pathlib import Path
 import click
 
 from engine.cli.common import emit_json, human_bytes, table
+from engine.cli.inspect import read_plan
 from engine.core.errors import InputError, write_atomic
 from engine.planners.schedules.library import SCHEDULE_NAMES
+from engine.planners.schedules.torch_csv import torch_csv
+from engine.scenario.loader import load_scenario
+from engine.study.compare import compare
 
 ROW_ORDER = SCHEDULE_NAMES + ("heuristic", "mip")
 PHASE_COLOURS = {"F": "#4c78a8", "B": "#f58518", "W": "#54a24b", "BW": "#e45756", "F&B": "#b279a2"}
@@ -92,9 +96,6 @@ def compare_cmd(scenario, schedules, cap_from, time_limit_s, threads, no_mip, no
     workload, the MIP under a memory cap. Prints makespan, bubble, bubble ratio, peak activation
     memory per GPU and solve time (simulated figures).
     """
-    from engine.scenario.loader import load_scenario
-    from engine.study.compare import compare
-
     names = parse_schedules(schedules)
     if plot_path is not None:
         try:
@@ -129,10 +130,6 @@ def compare_cmd(scenario, schedules, cap_from, time_limit_s, threads, no_mip, no
 def export_cmd(plan_path, scenario, fmt, output):
     """Write PLAN's per-rank order for a pipeline runtime (torch-csv: torch.distributed.pipelining's
     CSV schedule, one row per rank, e.g. 0F0,0I0,0W0)."""
-    from engine.cli.inspect import read_plan
-    from engine.scenario.loader import load_scenario
-    from engine.planners.schedules.torch_csv import torch_csv
-
     sc = load_scenario(scenario)
     plan = read_plan(plan_path)
     try:

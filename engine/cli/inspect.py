@@ -9,9 +9,10 @@ import click
 
 from engine.cli.common import emit_json
 from engine.core.errors import InputError, write_atomic
-from engine.workloads.graphgen import GRAPH_KINDS, generate
 from engine.core.ir import Plan
+from engine.planners.validate import validate_plan
 from engine.scenario.loader import load_scenario
+from engine.workloads.graphgen import GRAPH_KINDS, generate
 
 
 def read_plan(path: Path) -> Plan:
@@ -50,8 +51,6 @@ def check_cmd(plan_path, scenario, as_json):
 
     Exits 0 when the plan is valid, 1 when it has violations (each printed on one line).
     """
-    from engine.planners.validate import validate_plan
-
     sc = load_scenario(scenario)
     plan = read_plan(plan_path)
     violations = validate_plan(plan, sc.workload, sc.cluster, sc.comm, sc.memory_cap_bytes)

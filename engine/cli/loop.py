@@ -8,8 +8,11 @@ import click
 
 from engine.cli.common import emit_json, human_bytes, table
 from engine.core.errors import write_atomic
-from engine.study.loop import UPDATE_MODES, Iteration, refine, simulate_plan
 from engine.scenario.loader import load_scenario
+from engine.scenario.simulation import simulate_scenario
+from engine.study.loop import UPDATE_MODES, Iteration, refine
+from engine.study.plotting import plot_loop, require_matplotlib
+from simulator.trace import write_trace
 
 
 def _print_progress(it: Iteration) -> None:
@@ -48,8 +51,6 @@ def loop_cmd(scenario, output, planner, time_limit_s, max_iters, tolerance, upda
     """Refine SCENARIO's plan with the contention the simulator observes, until they agree."""
     sc = load_scenario(scenario)
     if plot is not None:
-        from engine.study.plotting import require_matplotlib
-
         require_matplotlib()
     result = refine(sc, planner=planner, progress=None if as_json else _print_progress,
                     solver_options={"time_limit_s": time_limit_s}, max_iters=max_iters, tolerance=tolerance,
@@ -57,12 +58,8 @@ def loop_cmd(scenario, output, planner, time_limit_s, max_iters, tolerance, upda
     if output is not None:
         write_atomic(output, result.best_plan.to_json())
     if trace is not None:
-        from simulator.trace import write_trace
-
-        write_trace(simulate_plan(sc, result.best_plan, timeline=True), sc.workload, sc.cluster, trace)
+        write_trace(simulate_scenario(sc, result.best_plan, timeline=True), sc.workload, sc.cluster, trace)
     if plot is not None:
-        from engine.study.plotting import plot_loop
-
         plot_loop(result, plot, sc.name)
     if as_json:
         emit_json(result.to_dict(str(output) if output is not None else None))

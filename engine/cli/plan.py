@@ -6,18 +6,19 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit_json, human_bytes, table
+from engine.cli.common import SolverProgress, emit_json, human_bytes, table
 from engine.core.errors import write_atomic
 from engine.core.ir import Plan, bubble_us, compute_busy_us
 from engine.planners.registry import plan_scenario
+from engine.planners.validate import peak_memory
 from engine.scenario.loader import load_scenario
 
 
 def plan_summary(plan: Plan, scenario, plan_path: str | None) -> dict:
     """The figures ``plansim plan --json`` prints (times in us, memory in bytes)."""
-    from engine.planners.validate import peak_memory
-
     wl = scenario.workload
+    if plan.makespan_us is None:  # Plan.__post_init__ fills it in
+        raise ValueError(f"plan {plan.workload!r} has no makespan")
     makespan = float(plan.makespan_us)
     bubble = bubble_us(plan, wl)
     out = {
@@ -70,8 +71,13 @@ def print_summary(summary: dict) -> None:
 def plan_cmd(scenario, output, planner, solver_name, time_limit_s, gap, merge, nic_capacity, as_json):
     """Plan SCENARIO and print makespan, bubble, busy time and peak memory per GPU."""
     sc = load_scenario(scenario)
-    plan = plan_scenario(sc, planner, name=solver_name, time_limit_s=time_limit_s, gap=gap, merge=merge,
-                         nic_capacity=True if nic_capacity else None, progress=None if as_json else "stderr")
+    progress = None if as_json else SolverProgress()
+    try:
+        plan = plan_scenario(sc, planner, name=solver_name, time_limit_s=time_limit_s, gap=gap, merge=merge,
+                             nic_capacity=True if nic_capacity else None, progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
     if output is not None:
         write_atomic(output, plan.to_json())
     summary = plan_summary(plan, sc, str(output) if output is not None else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from engine.cli.common import emit_json, table
+from hardware_profiles import list_profiles, load_profile
 
 
 def _num(v):
@@ -19,8 +20,6 @@ def _num(v):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def profiles_cmd(name: str | None, as_json: bool) -> None:
     """List shipped hardware profiles with key figures, or print profile NAME (a name or a YAML path)."""
-    from hardware_profiles import list_profiles, load_profile
-
     if name is not None:
         profile = load_profile(name)
         if as_json:

@@ -11,6 +11,13 @@ import click
 from engine.cli.common import emit_json, human_bytes, table
 from engine.core.errors import InputError, write_atomic
 from engine.core.ir import Plan
+from engine.planners.registry import plan_scenario
+from engine.scenario.loader import load_scenario
+from engine.scenario.simulation import simulate_scenario
+from hardware_profiles import build_cluster, load_profile
+from simulator.collectives import bus_factor, choose_algo, normalize_op
+from simulator.simulate import simulate_collective
+from simulator.trace import write_trace
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -53,23 +60,14 @@ def _load_plan(path: Path) -> Plan:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, allow_oom, no_symmetry, as_json):
     """Simulate a plan of SCENARIO: makespan, bubble, memory, link utilisation."""
-    from engine.scenario.loader import load_scenario
-    from simulator.simulate import simulate
-    from simulator.trace import write_trace
-
     sc = load_scenario(scenario)
-    opts = sc.simulator
     if plan_path is not None:
         plan = _load_plan(plan_path)
     else:
-        from engine.planners.registry import plan_scenario
         plan = plan_scenario(sc, "heuristic")
     try:
-        result = simulate(plan, sc.workload, sc.cluster, seed=sc.seed if seed is None else seed,
-                          jitter=opts["jitter"] if jitter is None else jitter, mode=mode or opts["mode"],
-                          allow_oom=opts["allow_oom"] if allow_oom is None else allow_oom,
-                          symmetry=opts["symmetry"] and not no_symmetry,
-                          comm_compute_slowdown=opts["comm_compute_slowdown"], timeline=trace_path is not None)
+        result = simulate_scenario(sc, plan, seed=seed, timeline=trace_path is not None, jitter=jitter, mode=mode,
+                                   allow_oom=allow_oom, symmetry=False if no_symmetry else None)
     except InputError as e:
         if e.source is None and plan_path is not None and (e.field or "").startswith("plan"):
             raise InputError(plan_path, e.field, e.reason) from None
@@ -116,10 +114,6 @@ def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, 
 def collective_cmd(profile, nodes, gpus_per_node, op_name, size, algo, mode, overrides, as_json):
     """Time one collective on an idle cluster, with nccl-tests' algbw and busbw conventions."""
     import yaml
-
-    from hardware_profiles import build_cluster, load_profile
-    from simulator.collectives import bus_factor, choose_algo, normalize_op
-    from simulator.simulate import simulate_collective
 
     over = {}
     for item in overrides:

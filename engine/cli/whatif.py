@@ -11,8 +11,17 @@ import yaml
 
 from engine.cli.common import emit_json, human_bytes, table
 from engine.core.errors import InputError, write_atomic
-from engine.study.whatif import (build_all, combinations, combo_key, load_results, parse_vary, run_one, save_results,
-                           sorted_rows, to_csv)
+from engine.study.whatif import (
+    build_all,
+    combinations,
+    combo_key,
+    load_results,
+    parse_vary,
+    run_one,
+    save_results,
+    sorted_rows,
+    to_csv,
+)
 
 
 @click.command("whatif")

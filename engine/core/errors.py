@@ -6,6 +6,7 @@ the reason. The CLI prints ``str(err)`` on one line and exits with code 2.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,12 @@ class InfeasibleError(InputError):
     """The instance has no feasible plan (e.g. a memory cap nothing fits under)."""
 
 
+def nearest(key: str, valid: tuple[str, ...] | list[str]) -> str:
+    """' (did you mean X?)' for the closest valid key, or '; valid: ...'."""
+    m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else f"; valid: {', '.join(valid)}"
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename.
 
@@ -33,11 +40,14 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
-            fh.write(data)
+        if isinstance(data, bytes):
+            with os.fdopen(fd, "wb") as fb:
+                fb.write(data)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8") as ft:
+                ft.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:

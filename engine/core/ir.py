@@ -376,8 +376,10 @@ def compute_busy_us(plan: Plan, workload: Workload) -> dict[int, float]:
 
 
 def bubble_us(plan: Plan, workload: Workload, makespan_us: float | None = None) -> float:
-    """bubble = makespan - max over devices of compute-busy time (DESIGN.md)."""
+    """bubble = makespan - max over devices of compute-busy time (docs/DESIGN.md)."""
     makespan = plan.makespan_us if makespan_us is None else makespan_us
+    if makespan is None:  # Plan.__post_init__ fills it in
+        raise ValueError(f"plan {plan.workload!r} has no makespan")
     busy = compute_busy_us(plan, workload)
     return makespan - max(busy.values(), default=0.0)
 

@@ -1,4 +1,9 @@
-"""Per-GPU memory bookkeeping for list schedulers (:mod:`engine.planners.heuristic`).
+"""Per-GPU memory: the cap every planner, the validator and the simulator hold a GPU to, and the
+bookkeeping list schedulers (:mod:`engine.planners.heuristic`) keep under it.
+
+:func:`memory_caps` is the one rule for the cap: the cap a caller names, else the workload's
+(the scenario's ``memory`` section), else each GPU's memory from its profile.
+
 
 An allocation is recorded as +bytes at its start and, once known, -bytes at its free time;
 until then it is *open* (live to infinity). Sizes in bytes, times in us. Per GPU the timeline
@@ -10,8 +15,18 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from typing import Any
 
 INF = math.inf
+
+
+def memory_caps(workload: Any, cluster: Any, memory_cap: int | None = None) -> list[int]:
+    """Per GPU of ``cluster``, the memory cap in bytes: ``memory_cap``, else the workload's
+    ``memory_cap_bytes``, else the GPU's own memory (``cluster.memory_cap_bytes(gpu)``)."""
+    cap = memory_cap if memory_cap is not None else workload.memory_cap_bytes
+    if cap is not None:
+        return [int(cap)] * cluster.n_gpus
+    return [int(cluster.memory_cap_bytes(d)) for d in range(cluster.n_gpus)]
 
 
 class MemoryTimeline:

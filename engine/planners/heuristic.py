@@ -36,8 +36,7 @@ from typing import Any
 from engine.core.delay_table import DelayTable
 from engine.core.errors import InfeasibleError
 from engine.core.ir import Placement, Plan, Transfer, Workload, topological_indices
-from engine.core.memory import MemoryTimeline
-from engine.planners.validate import memory_caps
+from engine.core.memory import MemoryTimeline, memory_caps
 
 SCAN_LIMIT = 64  # gaps examined after an op's ready time before it goes after the stream's last op
 RETRY = 4  # waiting ops given another try when memory is freed (all of them once the list runs dry)
@@ -214,14 +213,15 @@ class _ListScheduler:
                     flex_bytes += mbytes[v]
         return per_gpu, flex_bytes, found, flexible
 
-    def _strict_room(self, i: int) -> tuple[list[float], int, list[tuple[tuple[int, ...], int]], list[int]] | None:
+    def _strict_room(self, i: int) -> tuple[list[float], float, list[tuple[tuple[int, ...], int]], list[int]] | None:
         """For placing ``i`` under the reservation rule: per GPU the room left after open,
         reserved and newly reserved bytes (INF where the cap cannot bind), the room left in the
         pool of capped GPUs for multi-GPU blockers, those blockers' (GPUs, bytes), and the ops
         to reserve; None if some GPU's pinned reservations alone would not fit."""
         per_gpu, flex_bytes, found, flexible = self._new_demand(i)
         mem, binding = self.mem, self.binding
-        room = [mem.caps[g] - mem.used(g) - mem.reserved[g] - per_gpu.get(g, 0) if binding[g] else INF
+        assert mem is not None, "strict mode is only used when memory is checked"
+        room: list[float] = [mem.caps[g] - mem.used(g) - mem.reserved[g] - per_gpu.get(g, 0) if binding[g] else INF
                 for g in range(self.n_gpus)]
         if any(r < 0 for r in room):
             return None
@@ -229,7 +229,7 @@ class _ListScheduler:
         needs = sorted({(self.elig[y], self.mbytes[y]) for y in flexible})
         return room, pool, needs, found
 
-    def _strict_ok(self, i: int, d: int, room: list[float], pool: int, needs: list[tuple[tuple[int, ...], int]]) -> bool:
+    def _strict_ok(self, i: int, d: int, room: list[float], pool: float, needs: list[tuple[tuple[int, ...], int]]) -> bool:
         """Placing ``i`` on ``d`` keeps: ``d``'s room >= 0; the pool >= 0; each multi-GPU blocker
         fitting on some GPU by itself (the pool ignores how room is split between GPUs)."""
         m, mine, pinned = self.mbytes[i], self.reserved[i], self.pinned[i] >= 0
@@ -283,6 +283,7 @@ class _ListScheduler:
             if mode == "strict" and not self._strict_ok(i, d, room, pool, needs):
                 continue
             if mode != "free" and self.binding[d]:
+                assert self.mem is not None  # a binding cap is why the timeline exists
                 t = self.mem.earliest(d, self.mbytes[i], r)
                 if t == INF:
                     continue
@@ -314,7 +315,8 @@ class _ListScheduler:
         p = self.dur[i]
         e = s + p
         self.dev[i], self.start[i], self.end[i] = d, s, e
-        keys = [2 * g + 1 for g in self.group[i]] if self.group[i] is not None else [2 * d + self.kind[i]]
+        group = self.group[i]
+        keys = [2 * g + 1 for g in group] if group is not None else [2 * d + self.kind[i]]
         for k in keys:
             self._occupy(k, s, e)
         if self.mem is None:
@@ -378,6 +380,7 @@ class _ListScheduler:
                 i, why = min(stuck), f" (needed before {self.names[a]}'s allocation can be freed)"
                 break
         mem, m, op = self.mem, self.mbytes[i], self.ops[i]
+        assert mem is not None, "only memory rules can leave every waiting op unplaced"
         over, d = min((mem.used(d) + m - mem.caps[d], d) for d in self.elig[i])
         return InfeasibleError(None, f"ops[{op.id}]", f"no memory for {op.id}{why}: it allocates {m} bytes; on GPU {d} "
                                f"{mem.used(d)} bytes (static {mem.static[d]}) stay live under the cap {mem.caps[d]}, "

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Workload
+from engine.planners.schedules.gpipe_1f1b import one_f_one_b_sequence
 from engine.workloads.transformer import StageTimes, StepEnd, TransformerSpec, gpu_of
 
 STEP_END_PHASES = ("DP", "EMB", "OPT", "AG")
@@ -61,17 +62,17 @@ def one_f_one_b_order(spec: TransformerSpec, workload: Workload) -> dict[int, li
     def put(op_id: str) -> None:
         if op_id in ops:
             op = ops[op_id]
-            dev = op.collective.group[0] if op.collective is not None else op.devices[0]
+            if op.collective is not None:
+                dev = op.collective.group[0]
+            else:
+                assert op.devices is not None  # the transformer builder pins every op to its GPU
+                dev = op.devices[0]
             if op_id not in order.setdefault(dev, []):
                 order[dev].append(op_id)
 
     for d in range(dp):
         for p in range(pp):
-            warm = min(pp - p - 1, m)
-            seq = [("F", i) for i in range(warm)]
-            for i in range(m - warm):
-                seq += [("F", warm + i), ("B", i)]
-            seq += [("B", i) for i in range(m - warm, m)]
+            seq = one_f_one_b_sequence(min(pp - p - 1, m), m, lambda i: ("F", i), lambda i: ("B", i))
             dsfx = f".d{d}" if dp > 1 else ""
             for r in range(tp):
                 sfx = (f".t{r}" if tp > 1 else "") + dsfx

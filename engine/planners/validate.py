@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Transfer, Workload, stream_sequences
+from engine.core.memory import memory_caps
 
 REL_TOL = 1e-6
 
@@ -38,15 +39,6 @@ def _tol(*values: float) -> float:
 
 def _fmt(t: float) -> str:
     return f"{t:.12g}"
-
-
-def memory_caps(workload: Workload, cluster: Any, memory_cap: int | None = None) -> list[int]:
-    """Per GPU, the memory cap in bytes: ``memory_cap``, else the workload's, else the GPU's."""
-    if memory_cap is not None:
-        return [int(memory_cap)] * cluster.n_gpus
-    if workload.memory_cap_bytes is not None:
-        return [int(workload.memory_cap_bytes)] * cluster.n_gpus
-    return [int(cluster.memory_cap_bytes(d)) for d in range(cluster.n_gpus)]
 
 
 def occupied_streams(op, device: int) -> list[tuple[int, str]]:
@@ -136,7 +128,7 @@ def _check_placements(plan: Plan, ops: Mapping[str, Any], cluster: Any, out: lis
     """Placement-level rules; returns the ops whose placement the pairwise checks can use."""
     n = cluster.n_gpus
     model = cluster.gpu_model
-    usable = set()
+    usable: set[str] = set()
     for op_id in sorted(plan.placements):
         if op_id not in ops:
             out.append(f"unknown op {op_id!r} in the plan (not in workload)")
@@ -195,7 +187,7 @@ def _check_overlap(plan: Plan, ops: Mapping[str, Any], usable: set[str], cluster
         items.sort()
         last_end, last_op = -math.inf, None
         for start, end, op_id in items:
-            if start < last_end - _tol(last_end):
+            if last_op is not None and start < last_end - _tol(last_end):
                 a = plan.placements[last_op]
                 out.append(f"GPU {d} {stream} stream: {op_id} [{_fmt(start)}, {_fmt(end)}) overlaps "
                            f"{last_op} [{_fmt(a.start)}, {_fmt(a.end)})")

@@ -20,41 +20,39 @@ Every section but ``workload`` and ``cluster`` is optional; each option has a de
 from __future__ import annotations
 
 import copy
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from engine.core.comm import CommModel
-from engine.core.errors import InputError
+from engine.core.errors import InputError, nearest
 from engine.core.ir import Workload
-from engine.workloads.transformer import transformer_workload
+from engine.core.memory import memory_caps
+from engine.core.options import LoopOptions, SimulatorOptions, SolverOptions
 from engine.workloads.pipeline import build_pipeline, load_graph
+from engine.workloads.transformer import transformer_workload
+from hardware_profiles import build_cluster, load_profile
 
 GIB = 1 << 30
 
-# section -> option -> (default, accepted types). ``None`` defaults accept None too.
+# section -> option -> (default, accepted types). ``None`` defaults accept None too. The typed
+# sections take theirs from the fields of their dataclass (engine.core.options).
+TYPED_SECTIONS: dict[str, type] = {"solver": SolverOptions, "simulator": SimulatorOptions, "loop": LoopOptions}
 OPTIONS: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
     "placement": {"stage_devices": (None, (list,))},
     "memory": {"cap_bytes": (None, (int,)), "cap_gib": (None, (int, float))},
     "objective": {"kind": ("makespan", (str,)), "lambda": (0.0, (int, float)),
                   "makespan_bound_us": (None, (int, float))},
-    "solver": {"planner": ("heuristic", (str,)), "name": ("highs", (str,)), "time_limit_s": (30.0, (int, float)),
-               "gap": (0.0, (int, float)), "threads": (2, (int,)), "merge": ("none", (str, int)),
-               "warm_start": (None, (str,)), "nic_capacity": (False, (bool,))},
-    "simulator": {"mode": ("flow", (str,)), "jitter": (0.0, (int, float)), "symmetry": (True, (bool,)),
-                  "comm_compute_slowdown": (None, (int, float)), "allow_oom": (False, (bool,))},
-    "loop": {"tolerance": (0.01, (int, float)), "patience": (2, (int,)), "max_iters": (6, (int,)),
-             "damping": (0.5, (int, float)), "update": ("both", (str,))},
+    **{section: {f.name: (f.default, f.metadata["types"]) for f in fields(cls)} for section, cls in TYPED_SECTIONS.items()},
 }
 TOP_LEVEL = ("name", "seed", "workload", "cluster") + tuple(OPTIONS)
 CLUSTER_KEYS = ("profile", "nodes", "overrides")
 CHOICES = {
     ("objective", "kind"): ("makespan", "min_peak_memory", "weighted"),
-    ("simulator", "mode"): ("flow", "alpha_beta"),
-    ("loop", "update"): ("edge", "class", "both"),
+    **{(section, f.name): f.metadata["choices"] for section, cls in TYPED_SECTIONS.items() for f in fields(cls)
+       if f.metadata["choices"]},
 }
 PIPELINE_KEYS = ("kind", "stages", "microbatches", "directions", "times_us", "activation_bytes", "send_bytes")
 GRAPH_KEYS = ("kind", "path")
@@ -62,7 +60,8 @@ GRAPH_KEYS = ("kind", "path")
 
 @dataclass
 class Scenario:
-    """A loaded scenario. Option sections are plain dicts with every default filled in."""
+    """A loaded scenario. ``objective`` is a dict with every default filled in; the solver,
+    simulator and loop sections are typed (:mod:`engine.core.options`)."""
 
     path: Path | None
     name: str
@@ -72,16 +71,10 @@ class Scenario:
     comm: CommModel
     memory_cap_bytes: int | None
     objective: dict[str, Any] = field(default_factory=dict)
-    solver: dict[str, Any] = field(default_factory=dict)
-    simulator: dict[str, Any] = field(default_factory=dict)
-    loop: dict[str, Any] = field(default_factory=dict)
+    solver: SolverOptions = field(default_factory=SolverOptions)
+    simulator: SimulatorOptions = field(default_factory=SimulatorOptions)
+    loop: LoopOptions = field(default_factory=LoopOptions)
     raw: dict[str, Any] = field(default_factory=dict)
-
-
-def nearest(key: str, valid: tuple[str, ...] | list[str]) -> str:
-    """' (did you mean X?)' for the closest valid key, or ''."""
-    m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {m[0]!r}?)" if m else f"; valid: {', '.join(valid)}"
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -140,8 +133,8 @@ def _build(raw: Any, path: Path | None) -> Scenario:
     check_placement_fits(workload, cluster)
     return Scenario(path=path, name=str(raw.get("name", path.stem if path else "scenario")), seed=seed,
                     workload=workload, cluster=cluster, comm=CommModel(cluster), memory_cap_bytes=workload.memory_cap_bytes,
-                    objective=options["objective"], solver=options["solver"], simulator=options["simulator"],
-                    loop=options["loop"], raw=raw)
+                    objective=options["objective"], solver=SolverOptions(**options["solver"]),
+                    simulator=SimulatorOptions(**options["simulator"]), loop=LoopOptions(**options["loop"]), raw=raw)
 
 
 def _options(section: str, given: Any) -> dict[str, Any]:
@@ -169,8 +162,6 @@ def _options(section: str, given: Any) -> dict[str, Any]:
 
 
 def _cluster(spec: Any, base: Path):
-    from hardware_profiles import build_cluster, load_profile
-
     if not isinstance(spec, dict):
         raise InputError(None, "cluster", "must be a mapping with 'profile'")
     for key in spec:
@@ -246,27 +237,22 @@ def _workload(spec: Any, base: Path, placement: dict, cluster) -> Workload:
 def check_placement_fits(workload: Workload, cluster) -> None:
     """Every op has an eligible GPU in the cluster, and its allocation fits the cap there alone."""
     n = cluster.n_gpus
+    caps = memory_caps(workload, cluster)
     for op_id, op in workload.ops.items():
         devs = workload.eligible(op_id, n)
         if not devs:
+            assert op.devices is not None  # an op without ``devices`` may run on any of the cluster's GPUs
             raise InputError(None, f"ops[{op_id}].devices",
                              f"eligible on no GPU of the cluster (GPUs {list(op.devices)} but the cluster has {n})")
         if op.collective is not None and max(op.collective.group) >= n:
             raise InputError(None, f"ops[{op_id}].collective.group", f"GPU {max(op.collective.group)} not in the cluster ({n} GPUs)")
-        fits = [d for d in devs
-                if workload.static_memory_bytes.get(d, 0) + op.memory_bytes <= memory_cap(workload, cluster, d)]
+        fits = [d for d in devs if workload.static_memory_bytes.get(d, 0) + op.memory_bytes <= caps[d]]
         if not fits:
             d = devs[0]
             raise InputError(None, f"ops[{op_id}].memory_bytes",
                              f"memory can never fit: {op.memory_bytes} B + static {workload.static_memory_bytes.get(d, 0)} B "
-                             f"> cap {memory_cap(workload, cluster, d)} B on every eligible GPU")
+                             f"> cap {caps[d]} B on every eligible GPU")
 
-
-def memory_cap(workload: Workload, cluster, device: int) -> int:
-    """Per-GPU memory cap in bytes: the workload's cap if set, else the GPU's memory."""
-    if workload.memory_cap_bytes is not None:
-        return int(workload.memory_cap_bytes)
-    return int(cluster.memory_cap_bytes(device))
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:

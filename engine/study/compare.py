@@ -22,21 +22,20 @@ from typing import Any, Callable
 
 from engine.core.errors import InputError
 from engine.core.ir import Plan, Workload
+from engine.planners.heuristic import plan_heuristic
+from engine.planners.mip.plan import plan_mip
 from engine.planners.schedules.fusion import runtime_plan
 from engine.planners.schedules.library import SCHEDULE_NAMES, applicable, generate
 from engine.planners.schedules.timing import schedule_plan
+from engine.planners.validate import peak_memory
+from engine.scenario.simulation import simulate_scenario
 
 Progress = Callable[[str], None]
 
 
 def simulate_row(plan: Plan, workload: Workload, scenario, solve_s: float) -> tuple[dict[str, Any], Any]:
     """(the row ``plansim compare`` prints for a plan, the simulation result)."""
-    from simulator.simulate import simulate
-
-    opts = scenario.simulator
-    res = simulate(plan, workload, scenario.cluster, seed=scenario.seed, jitter=opts["jitter"], mode=opts["mode"],
-                   allow_oom=True, symmetry=opts["symmetry"], comm_compute_slowdown=opts["comm_compute_slowdown"],
-                   timeline=False)
+    res = simulate_scenario(scenario, plan, workload=workload, allow_oom=True)
     row = {"makespan_us": float(res.makespan_us), "bubble_us": float(res.bubble_us),
            "bubble_ratio": float(res.bubble_ratio), "peak_memory_bytes": int(res.peak_memory_bytes),
            "solve_s": round(float(solve_s), 3)}
@@ -66,8 +65,6 @@ def known_schedules(scenario, names=SCHEDULE_NAMES, progress: Progress | None = 
 def warm_start_plan(scenario, cap: int | None) -> tuple[str | None, Plan | None]:
     """The best op-level plan, among known schedules that run on the scenario's own layout, whose
     peak memory fits ``cap`` (bytes per GPU): (name, plan), or (None, None)."""
-    from engine.planners.validate import peak_memory
-
     wl = scenario.workload
     if (wl.meta or {}).get("kind") != "pipeline":
         return None, None
@@ -79,8 +76,10 @@ def warm_start_plan(scenario, cap: int | None) -> tuple[str | None, Plan | None]
             continue
         if cap is not None and max(peak_memory(plan, wl).values(), default=0) > cap:
             continue
-        if best is None or plan.makespan_us < best[0]:
-            best = (plan.makespan_us, name, plan)
+        span = plan.makespan_us
+        assert span is not None  # Plan.__post_init__ fills it in
+        if best is None or span < best[0]:
+            best = (span, name, plan)
     return (None, None) if best is None else (best[1], best[2])
 
 
@@ -113,8 +112,6 @@ def compare(scenario, names=SCHEDULE_NAMES, *, heuristic: bool = True, mip: bool
     cap = mip_cap(scenario, known, cap_from)
     wl = scenario.workload
     if heuristic:
-        from engine.planners.heuristic import plan_heuristic
-
         t0 = time.perf_counter()
         try:
             plan = plan_heuristic(wl, scenario.cluster, scenario.comm, memory_cap=cap)
@@ -123,18 +120,16 @@ def compare(scenario, names=SCHEDULE_NAMES, *, heuristic: bool = True, mip: bool
         except InputError as e:
             skipped["heuristic"] = e.reason
     if mip:
-        from engine.planners.mip.plan import plan_mip
-
         opts = scenario.solver
         warm_name, warm = warm_start_plan(scenario, cap)
         if progress:
             progress(f"mip: cap {cap} bytes per GPU, warm start {warm_name or 'its own (heuristic, list schedules)'}, "
-                     f"time limit {time_limit_s or opts['time_limit_s']} s")
+                     f"time limit {time_limit_s or opts.time_limit_s} s")
         t0 = time.perf_counter()
         try:
-            plan = plan_mip(wl, scenario.cluster, scenario.comm, time_limit_s=time_limit_s or opts["time_limit_s"],
-                            gap=opts["gap"], solver=opts["name"], threads=threads or opts["threads"], warm_start=warm,
-                            memory_cap=cap, merge=merge if merge is not None else opts["merge"])
+            plan = plan_mip(wl, scenario.cluster, scenario.comm, time_limit_s=time_limit_s or opts.time_limit_s,
+                            gap=opts.gap, solver=opts.name, threads=threads or opts.threads, warm_start=warm,
+                            memory_cap=cap, merge=merge if merge is not None else opts.merge)
             plan.meta["compare_warm_start"] = warm_name
             row, res = simulate_row(plan, wl, scenario, time.perf_counter() - t0)
             entries["mip"] = {"row": row, "plan": plan, "workload": wl, "sim": res}

@@ -31,8 +31,12 @@ from typing import Any, Callable
 
 from engine.core.comm import CommModel
 from engine.core.ir import Plan
+from engine.core.options import LoopOptions
+from engine.planners.registry import plan_scenario
+from engine.planners.validate import compact
+from engine.scenario.simulation import simulate_scenario
 
-UPDATE_MODES = ("edge", "class", "both")
+UPDATE_MODES = next(f.metadata["choices"] for f in dataclasses.fields(LoopOptions) if f.name == "update")
 
 
 @dataclass
@@ -83,10 +87,8 @@ def refine(scenario, *, planner: str | None = None, progress: Callable[[Iteratio
     """Run the loop on ``scenario`` (module docstring). ``loop_options`` override the scenario's
     ``loop`` section (tolerance, patience, max_iters, damping, update); ``solver_options`` its
     ``solver`` section; ``planner`` its planner. ``progress`` is called after every iteration."""
-    from engine.planners.validate import compact
-
-    opts = {**scenario.loop, **{k: v for k, v in loop_options.items() if v is not None}}
-    if opts["update"] not in UPDATE_MODES:
+    opts = dataclasses.replace(scenario.loop, **{k: v for k, v in loop_options.items() if v is not None})
+    if opts.update not in UPDATE_MODES:
         raise ValueError(f"loop.update must be one of {UPDATE_MODES}")
     wl, cluster = scenario.workload, scenario.cluster
     comm = CommModel(cluster)
@@ -96,11 +98,12 @@ def refine(scenario, *, planner: str | None = None, progress: Callable[[Iteratio
     since_best = 0
     prev_plan: Plan | None = None
     reason, converged = "", False
-    for k in range(max(1, int(opts["max_iters"]))):
+    for k in range(max(1, int(opts.max_iters))):
         t0 = time.perf_counter()
         plan = _solve(scenario, comm, planner, warm, solver_options or {})
         solve_s = time.perf_counter() - t0
-        sim = simulate_plan(scenario, plan)
+        sim = simulate_scenario(scenario, plan)
+        assert plan.makespan_us is not None  # Plan.__post_init__ fills it in
         it = Iteration(k, float(plan.makespan_us), sim.makespan_us, sim.bubble_us, sim.peak_memory_bytes,
                        solve_s, sim.sim_wall_s, plan.status)
         iterations.append(it)
@@ -108,22 +111,22 @@ def refine(scenario, *, planner: str | None = None, progress: Callable[[Iteratio
             best, since_best = (k, plan, sim), 0
         else:
             since_best += 1
-        if it.gap <= opts["tolerance"]:
+        if it.gap <= opts.tolerance:
             if best[0] != k and sim.makespan_us <= best[2].makespan_us * (1 + 1e-9):
                 best = (k, plan, sim)  # as fast as the best so far and its prediction holds: return this one
             # ``converged`` describes the plan returned (the best), not merely the last one
-            converged = iterations[best[0]].gap <= opts["tolerance"]
-            reason = f"predicted and simulated makespan within {opts['tolerance']:.2%}"
+            converged = iterations[best[0]].gap <= opts.tolerance
+            reason = f"predicted and simulated makespan within {opts.tolerance:.2%}"
             if not converged:
                 reason = (f"iteration {k}: {reason}, but the best plan (iteration {best[0]}) is "
                           f"{iterations[best[0]].gap:.2%} off its prediction")
-        elif since_best >= opts["patience"]:
-            reason = f"no improvement for {opts['patience']} iterations"
-        elif k + 1 >= opts["max_iters"]:
-            reason = f"reached max_iters ({opts['max_iters']})"
+        elif since_best >= opts.patience:
+            reason = f"no improvement for {opts.patience} iterations"
+        elif k + 1 >= opts.max_iters:
+            reason = f"reached max_iters ({opts.max_iters})"
         else:
             same = prev_plan is not None and _same_schedule(plan, prev_plan)
-            it.moved = update_comm(comm, sim, cluster, 1.0 if same else opts["damping"], opts["update"])
+            it.moved = update_comm(comm, sim, cluster, 1.0 if same else opts.damping, opts.update)
             warm = compact(best[1], wl, comm)
         prev_plan = plan
         if progress is not None:
@@ -140,23 +143,8 @@ def _same_schedule(a: Plan, b: Plan) -> bool:
 
 
 def _solve(scenario, comm: CommModel, planner: str | None, warm: Plan | None, solver_options: dict[str, Any]) -> Plan:
-    from engine.planners.registry import plan_scenario
-
     sc = dataclasses.replace(scenario, comm=comm)
-    options = dict(solver_options)
-    if warm is not None:
-        options["warm_start"] = warm
-    return plan_scenario(sc, planner, **options)
-
-
-def simulate_plan(scenario, plan: Plan, timeline: bool = False):
-    """Simulate ``plan`` with the scenario's simulator options and seed."""
-    from simulator.simulate import simulate
-
-    s = scenario.simulator
-    return simulate(plan, scenario.workload, scenario.cluster, seed=scenario.seed, jitter=s["jitter"], mode=s["mode"],
-                    allow_oom=s["allow_oom"], symmetry=s["symmetry"], comm_compute_slowdown=s["comm_compute_slowdown"],
-                    timeline=timeline)
+    return plan_scenario(sc, planner, warm_start=warm, **solver_options)
 
 
 def update_comm(comm: CommModel, sim, cluster, damping: float, mode: str, top: int = 5) -> list[dict[str, Any]]:
@@ -184,7 +172,7 @@ def update_comm(comm: CommModel, sim, cluster, damping: float, mode: str, top: i
             base = e["modelled_us"] * (comm.class_scale.get(cls, 1.0) if mode == "both" else 1.0)
             old = comm.edge_scale.get((src, dst), 1.0)
             comm.edge_scale[(src, dst)] = old + damping * (e["observed_us"] / base - old)
-    moved = []
+    moved: list[dict[str, Any]] = []
     for s, d, _, e in rows:
         after = comm.delay(s, d, e["src_device"], e["dst_device"], e["bytes"])
         moved.append({"edge": f"{s}->{d}", "from_us": before[(s, d)], "to_us": after})

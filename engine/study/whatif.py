@@ -22,7 +22,10 @@ from typing import Any, Iterable
 import yaml
 
 from engine.core.errors import InputError, write_atomic
+from engine.planners.registry import plan_scenario
 from engine.scenario.loader import scenario_from_dict, set_dotted
+from engine.scenario.simulation import simulate_scenario
+from engine.study.loop import refine
 
 RESULT_FIELDS = ("simulated_us", "predicted_us", "bubble_us", "bubble_ratio", "peak_memory_bytes", "iterations",
                  "converged", "wall_s")
@@ -30,7 +33,7 @@ RESULT_FIELDS = ("simulated_us", "predicted_us", "bubble_us", "bubble_ratio", "p
 
 def parse_vary(specs: Iterable[str]) -> list[tuple[str, list[Any]]]:
     """``["cluster.nodes=1,2"]`` -> ``[("cluster.nodes", [1, 2])]`` with keys normalised."""
-    out = []
+    out: list[tuple[str, list[Any]]] = []
     for spec in specs:
         key, sep, values = spec.partition("=")
         key = key.strip()
@@ -99,19 +102,20 @@ def _culprit(combo: dict[str, Any], err: InputError) -> str:
 
 def run_one(raw: dict[str, Any], path: str, no_solve: bool, solver_options: dict[str, Any]) -> dict[str, Any]:
     """Plan (loop, or heuristic + one simulation with ``no_solve``) one combination; its figures."""
-    from engine.study.loop import refine, simulate_plan
-    from engine.planners.registry import plan_scenario
-
     t0 = time.perf_counter()
     sc = scenario_from_dict(raw, path)
+    converged: bool | None
     if no_solve:
         plan = plan_scenario(sc, "heuristic")
-        sim = simulate_plan(sc, plan)
-        predicted, iterations, converged = float(plan.makespan_us), 1, None
+        sim = simulate_scenario(sc, plan)
+        iterations, converged = 1, None
     else:
         res = refine(sc, solver_options=solver_options)
         sim, plan = res.best_sim, res.best_plan
-        predicted, iterations, converged = float(plan.makespan_us), len(res.iterations), res.converged
+        iterations, converged = len(res.iterations), res.converged
+    if plan.makespan_us is None:  # Plan.__post_init__ fills it in
+        raise ValueError(f"plan {plan.workload!r} has no makespan")
+    predicted = float(plan.makespan_us)
     return {"simulated_us": sim.makespan_us, "predicted_us": predicted, "bubble_us": sim.bubble_us,
             "bubble_ratio": sim.bubble_ratio, "peak_memory_bytes": sim.peak_memory_bytes, "iterations": iterations,
             "converged": converged, "wall_s": time.perf_counter() - t0}

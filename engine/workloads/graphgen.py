@@ -47,7 +47,7 @@ def generate(kind: str, n_ops: int, seed: int = 0, *, gpus: int | None = None, e
     ops = []
     for i in range(n):
         op: dict[str, Any] = {"id": f"op{i}", "duration_us": int(durations[i])}
-        if eligible is not None:
+        if eligible is not None and gpus is not None:  # gpus is set whenever eligible is (checked above)
             op["devices"] = sorted(int(d) for d in rng.choice(gpus, size=eligible, replace=False))
         if memory_bytes:
             op["memory_bytes"] = int(memory_bytes)

@@ -13,6 +13,9 @@ from engine.core.errors import InputError
 from engine.core.ir import Edge, Op, Workload
 
 PIPELINE_PHASES = ("F", "B", "W")
+# The pipeline schedules a workload may name (``parallelism.schedule``, ``schedule:<name>``);
+# engine.planners.schedules.library has one generator per name.
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe", "dualpipev")
 
 
 def pipeline_op_id(phase: str, microbatch: int, stage: int) -> str:

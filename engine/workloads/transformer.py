@@ -65,13 +65,29 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from engine.core.errors import InputError
+from engine.core.errors import InputError, nearest
 from engine.core.ir import Collective, Edge, Op, Workload
-from engine.workloads.transformer_costs import (PRECISIONS, RECOMPUTE, SCHEDULES, SPLIT_BACKWARD, ComputeModel, Parallelism,
-                                      StageCost, TransformerSpec, optimizer_us, stage_cost, static_memory_bytes)
+from engine.workloads.pipeline import SCHEDULE_NAMES
+from engine.workloads.transformer_costs import (
+    PRECISIONS,
+    RECOMPUTE,
+    SPLIT_BACKWARD,
+    ComputeModel,
+    Parallelism,
+    StageCost,
+    TransformerSpec,
+    optimizer_us,
+    stage_cost,
+    static_memory_bytes,
+)
+from simulator.collectives import CollectivePlanner
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
 
 TRANSFORMER_KEYS = ("kind", "layers", "hidden", "heads", "seq_len", "vocab", "global_batch", "micro_batch",
                     "precision", "activation_recompute", "parallelism", "ffn_hidden", "distributed_optimizer")
@@ -81,12 +97,6 @@ TAIL_ELEMENTS = 4
 _REQUIRED = ("layers", "hidden", "heads", "seq_len", "vocab", "global_batch", "micro_batch")
 
 CollectiveTime = Callable[[Any, Collective], float]
-
-
-def _nearest(key: str, valid) -> str:
-    from engine.scenario.loader import nearest
-
-    return nearest(key, tuple(valid))
 
 
 def _pos_int(spec: dict, key: str, where: str, default: int | None = None) -> int:
@@ -104,7 +114,7 @@ def spec_from_dict(spec: Any) -> TransformerSpec:
         raise InputError(None, "workload", "must be a mapping")
     for key in spec:
         if key not in TRANSFORMER_KEYS:
-            raise InputError(None, f"workload.{key}", "unknown field" + _nearest(str(key), TRANSFORMER_KEYS))
+            raise InputError(None, f"workload.{key}", "unknown field" + nearest(str(key), tuple(TRANSFORMER_KEYS)))
     vals = {k: _pos_int(spec, k, "workload") for k in _REQUIRED}
     ffn = spec.get("ffn_hidden")
     if ffn is not None:
@@ -125,11 +135,11 @@ def spec_from_dict(spec: Any) -> TransformerSpec:
         raise InputError(None, "workload.parallelism", "must be a mapping {tp, pp, dp, vpp, schedule}")
     for key in par:
         if key not in PARALLELISM_KEYS:
-            raise InputError(None, f"workload.parallelism.{key}", "unknown field" + _nearest(str(key), PARALLELISM_KEYS))
+            raise InputError(None, f"workload.parallelism.{key}", "unknown field" + nearest(str(key), tuple(PARALLELISM_KEYS)))
     tp, pp, dp, vpp = (_pos_int(par, k, "workload.parallelism", 1) for k in ("tp", "pp", "dp", "vpp"))
     schedule = par.get("schedule", "interleaved" if vpp > 1 else "1f1b")
-    if schedule not in SCHEDULES:
-        raise InputError(None, "workload.parallelism.schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule not in SCHEDULE_NAMES:
+        raise InputError(None, "workload.parallelism.schedule", f"must be one of {', '.join(SCHEDULE_NAMES)}, got {schedule!r}")
     out = TransformerSpec(precision=precision, activation_recompute=recompute, ffn_hidden=ffn,
                           distributed_optimizer=dist_opt, parallelism=Parallelism(tp, pp, dp, vpp, schedule), **vals)
     check_spec(out)
@@ -182,7 +192,7 @@ class StageTimes:
     cost: StageCost
 
 
-def stage_times(spec: TransformerSpec, cluster: Any, model: ComputeModel,
+def stage_times(spec: TransformerSpec, cluster: Cluster, model: ComputeModel,
                 collective_us: CollectiveTime) -> list[StageTimes]:
     """Per virtual stage, the op times :func:`build_transformer` uses (TP group of replica 0)."""
     out = []
@@ -207,10 +217,8 @@ def stage_times(spec: TransformerSpec, cluster: Any, model: ComputeModel,
     return out
 
 
-def simulator_collective_us(cluster: Any, coll: Collective) -> float:
+def simulator_collective_us(cluster: Cluster, coll: Collective) -> float:
     """Time (us) the simulator gives ``coll`` alone on ``cluster`` (its planner, cached per cluster)."""
-    from simulator.collectives import CollectivePlanner
-
     planner = _PLANNERS.get(cluster)
     if planner is None:
         planner = _PLANNERS[cluster] = CollectivePlanner(cluster)
@@ -220,7 +228,7 @@ def simulator_collective_us(cluster: Any, coll: Collective) -> float:
 _PLANNERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def build_transformer(spec: TransformerSpec, cluster: Any, collective_us: CollectiveTime | None = None,
+def build_transformer(spec: TransformerSpec, cluster: Cluster, collective_us: CollectiveTime | None = None,
                       compute: ComputeModel | None = None, name: str = "transformer") -> Workload:
     """The op graph of one training iteration of ``spec`` on ``cluster`` (see the module doc)."""
     par = spec.parallelism
@@ -243,21 +251,20 @@ def build_transformer(spec: TransformerSpec, cluster: Any, collective_us: Collec
         for mb in range(m):
             for st in times:
                 v, p, c = st.stage, st.rank, st.cost
-                base = dict(stage=v, microbatch=mb, chunk=v // par.pp)
                 # the op that ends phase F / B of (mb, v) on TP rank r: the epilogue when tp > 1
                 f_end = lambda r, v=v: f"F{mb}.s{v}" + (".end" if tp > 1 else "") + tag(r, d)
                 b_end = lambda r, v=v: f"B{mb}.s{v}" + (".end" if tp > 1 else "") + tag(r, d)
                 for r in range(tp):
                     gpu, sfx = gpu_of(spec, d, p, r), tag(r, d)
-                    on = dict(devices=(gpu,), **base)
-                    ops.append(Op(f"F{mb}.s{v}{sfx}", st.F - st.F_tail, memory_bytes=c.activation_bytes,
-                                  release=(f"W{mb}.s{v}{sfx}",), phase="F", flops=c.F.flops, **on))
-                    ops.append(Op(f"B{mb}.s{v}{sfx}", st.B - st.B_tail, memory_bytes=c.backward_temp_bytes,
-                                  phase="B", flops=c.B.flops, **on))
-                    ops.append(Op(f"W{mb}.s{v}{sfx}", st.W, phase="W", flops=c.W.flops, **on))
+                    on = partial(Op, devices=(gpu,), stage=v, microbatch=mb, chunk=v // par.pp)
+                    ops.append(on(f"F{mb}.s{v}{sfx}", st.F - st.F_tail, memory_bytes=c.activation_bytes,
+                                  release=(f"W{mb}.s{v}{sfx}",), phase="F", flops=c.F.flops))
+                    ops.append(on(f"B{mb}.s{v}{sfx}", st.B - st.B_tail, memory_bytes=c.backward_temp_bytes,
+                                  phase="B", flops=c.B.flops))
+                    ops.append(on(f"W{mb}.s{v}{sfx}", st.W, phase="W", flops=c.W.flops))
                     if tp > 1:
-                        ops.append(Op(f_end(r), st.F_tail, phase="F", **on))
-                        ops.append(Op(b_end(r), st.B_tail, phase="B", **on))
+                        ops.append(on(f_end(r), st.F_tail, phase="F"))
+                        ops.append(on(b_end(r), st.B_tail, phase="B"))
                     edges.append(Edge(f_end(r), f"B{mb}.s{v}{sfx}", 0))  # F (all of it) before its own B
                     edges.append(Edge(f"B{mb}.s{v}{sfx}", f"W{mb}.s{v}{sfx}", 0))  # W need not wait for B's all-reduce
                     if v < last:
@@ -273,7 +280,8 @@ def build_transformer(spec: TransformerSpec, cluster: Any, collective_us: Collec
                     for ph, phase, dur in (("F", c.F, st.ar_F), ("B", c.B, st.ar_B)):
                         ar = f"{ph}{mb}.s{v}.ar" + (f".d{d}" if dp > 1 else "")
                         coll = Collective("all_reduce", group, c.send_bytes * tp * phase.tp_messages)
-                        ops.append(Op(ar, dur, kind="comm", devices=(group[0],), collective=coll, phase=ph, **base))
+                        ops.append(Op(ar, dur, kind="comm", devices=(group[0],), collective=coll, phase=ph,
+                                      stage=v, microbatch=mb, chunk=v // par.pp))
                         tail = f_end if ph == "F" else b_end
                         for r in range(tp):
                             edges.append(Edge(f"{ph}{mb}.s{v}{tag(r, d)}", ar, 0))
@@ -326,7 +334,7 @@ def _emb_collective(spec: TransformerSpec, d: int, r: int) -> Collective | None:
     return Collective("all_reduce", ends, (spec.vocab * spec.hidden) // spec.parallelism.tp * spec.grad_bytes)
 
 
-def step_end_times(spec: TransformerSpec, cluster: Any, model: ComputeModel, collective_us: CollectiveTime) -> StepEnd:
+def step_end_times(spec: TransformerSpec, cluster: Cluster, model: ComputeModel, collective_us: CollectiveTime) -> StepEnd:
     """The step-end op times :func:`build_transformer` uses (TP rank 0, replica 0)."""
     par = spec.parallelism
     params = rank_params(spec)
@@ -365,12 +373,12 @@ def _add_step_end(spec: TransformerSpec, cluster, costs: list[StageCost], params
     first, last = spec.stage_rank(0), spec.stage_rank(spec.stages - 1)
     for r in range(tp):
         for d in range(dp):
-            coll = _emb_collective(spec, d, r)
-            if coll is None:  # one rank holds both ends of the tied embedding
+            emb_coll = _emb_collective(spec, d, r)
+            if emb_coll is None:  # one rank holds both ends of the tied embedding
                 continue
             emb = f"EMB.t{r}" + (f".d{d}" if dp > 1 else "")
-            ops.append(Op(emb, coll_us(cluster, coll), kind="comm", devices=(coll.group[0],), collective=coll,
-                          phase="EMB"))
+            ops.append(Op(emb, coll_us(cluster, emb_coll), kind="comm", devices=(emb_coll.group[0],),
+                          collective=emb_coll, phase="EMB"))
             edges.extend(Edge(x, emb, 0) for x in sorted(set(ready[first, r, d] + ready[last, r, d])))
             ready[first, r, d] = ready[last, r, d] = [emb]
     for p in range(pp):
@@ -389,7 +397,7 @@ def _add_step_end(spec: TransformerSpec, cluster, costs: list[StageCost], params
                 edges.extend(Edge(f"OPT.p{p}{tag(r, d)}", ag, 0) for d in range(dp))
 
 
-def transformer_workload(spec: dict, base: Path, placement: dict, cluster: Any) -> Workload:
+def transformer_workload(spec: dict, base: Path, placement: dict, cluster: Cluster) -> Workload:
     """Scenario builder for ``kind: transformer`` (registered in ``engine.scenario.loader``)."""
     if placement.get("stage_devices") is not None:
         raise InputError(None, "placement.stage_devices", "not used by a transformer workload (its layout is tp, pp, dp)")

@@ -39,7 +39,6 @@ PRECISIONS = {  # precision -> (peak-rate dtype of the profile, activation/weigh
     "fp8": ("fp8", 2, 4),    # FP8 GEMMs, bf16 activations between them
 }
 RECOMPUTE = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "gpipe", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe", "dualpipev")
 SPLIT_BACKWARD = ("zb-h1", "zb-h2", "zb-v", "dualpipe", "dualpipev")  # W may wait; gradients leave after B
 V_SHAPED = ("zb-v", "dualpipev")  # virtual stages fold back: chunk 1 of rank r is stage 2p-1-r
 # Element-wise kernels per layer and phase (norms, dropouts, softmax, GeLU, residual adds, bias).

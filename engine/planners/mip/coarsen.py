@@ -26,9 +26,12 @@ import heapq
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from engine.core.errors import InputError
 from engine.planners.mip.instance import Instance
+from engine.planners.mip.lns import improve
+from engine.planners.mip.solution import Solution, solve_instance
 from engine.planners.mip.symmetry import twin_arcs
 from engine.planners.mip.warm import Schedule, best_schedule, compact_safe, makespan, memory_ok
 
@@ -95,8 +98,8 @@ class _Groups:
         self.of = list(range(len(inst)))
         self.members = {i: [i] for i in range(len(inst))}
         self.devs = {i: set(inst.devices[i]) for i in range(len(inst))}
-        self.succ = {i: set() for i in range(len(inst))}
-        self.pred = {i: set() for i in range(len(inst))}
+        self.succ: dict[int, set[int]] = {i: set() for i in range(len(inst))}
+        self.pred: dict[int, set[int]] = {i: set() for i in range(len(inst))}
         for i, j in inst.arcs():
             self.succ[i].add(j)
             self.pred[j].add(i)
@@ -343,15 +346,13 @@ def expand(coarse: Coarse, fine: Instance, sched: Schedule) -> Schedule:
 def solve_coarsened(inst: Instance, target: int, warm: Schedule | None, opts: dict, deadline: float):
     """Coarsen to ``target`` ops, solve (half the time left), expand, polish by window MIPs on
     the fine ops (the rest); returns (Solution, ops after merging)."""
-    from engine.planners.mip.plan import Solution, solve_instance
-    from engine.planners.mip.lns import improve
-
     coarse = coarsen(inst, target)
     cwarm = best_schedule(coarse.inst)
     candidates: list[tuple[str, Schedule]] = []
     if warm is not None:
         candidates.append(("warm_start", warm))
-    n_bin, meta = 0, {}
+    n_bin = 0
+    meta: dict[str, Any] = {}
     pairs = count_pairs(coarse.inst)
     meta["coarse_pairs"] = pairs
     if pairs > 3 * AUTO_PAIR_LIMIT and cwarm is not None:

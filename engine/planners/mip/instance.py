@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from engine.core.ir import topological_indices
+from engine.core.memory import memory_caps
 
 STREAMS = ("compute", "comm")
 
@@ -64,7 +65,9 @@ class Instance:
         order = workload.topological_order()
         index = {o: i for i, o in enumerate(order)}
         ops = [workload.op(o) for o in order]
-        devices, dur, occupies = [], [], []
+        devices: list[tuple[int, ...]] = []
+        dur: list[dict[int, float]] = []
+        occupies: list[tuple[int, ...] | None] = []
         for op in ops:
             if op.collective is not None:
                 devs = (op.collective.group[0],) if op.collective.group[0] < n_dev else ()
@@ -85,8 +88,7 @@ class Instance:
                         if t > 0:
                             delays[(a, b)] = float(t)
             edges[(i, j)] = delays
-        cap_all = memory_cap if memory_cap is not None else workload.memory_cap_bytes
-        cap = {d: int(cap_all) if cap_all is not None else int(cluster.memory_cap_bytes(d)) for d in range(n_dev)}
+        cap = dict(enumerate(memory_caps(workload, cluster, memory_cap)))
         tags = [{k: getattr(op, k) for k in ("stage", "microbatch", "chunk", "phase") if getattr(op, k) is not None}
                 for op in ops]
         return cls(ids=list(order), kind=[op.kind for op in ops], devices=devices, dur=dur,
@@ -117,8 +119,9 @@ class Instance:
 
     def resources(self, i: int, d: int) -> tuple[tuple[int, str], ...]:
         """The (device, stream) pairs op ``i`` occupies when placed on GPU ``d``."""
-        if self.occupies[i] is not None:
-            return tuple((g, "comm") for g in self.occupies[i])
+        occ = self.occupies[i]
+        if occ is not None:
+            return tuple((g, "comm") for g in occ)
         return ((d, self.stream(i)),)
 
     def pmin(self, i: int) -> float:

@@ -15,6 +15,7 @@ import time
 
 from engine.core.errors import InfeasibleError
 from engine.planners.mip.instance import Instance
+from engine.planners.mip.solution import solve_instance
 from engine.planners.mip.warm import Schedule, free_arcs, makespan
 
 WINDOW_OPS = 20  # ops freed per round at first; grows when rounds prove nothing better, shrinks on time-outs
@@ -89,8 +90,6 @@ def improve(inst: Instance, sched: Schedule, budget_s: float, opts: dict, size: 
             seed: int = 0) -> tuple[Schedule, dict]:
     """Improve ``sched`` by window MIPs for about ``budget_s`` seconds; returns the best
     schedule and counts of rounds, improvements and the most binaries of a round's model."""
-    from engine.planners.mip.plan import solve_instance
-
     rng = random.Random(seed)
     deadline = time.perf_counter() + budget_s
     best, best_key = sched, _key(inst, sched)

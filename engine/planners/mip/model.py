@@ -28,6 +28,7 @@ from typing import Any
 import pyomo.environ as pyo
 
 from engine.planners.mip.instance import Instance
+from engine.planners.mip.nic import add_nic
 
 DEFAULT_SPEEDUPS = {"tight_big_m": True, "symmetry": True, "dag_pairs": True, "load_cut": True,
                     "warm_start": True, "tie_break": False, "lns": True}
@@ -392,8 +393,6 @@ class Builder:
         self.assignment()
         self.precedence()
         if self.nic is not None:
-            from engine.planners.mip.nic import add_nic
-
             add_nic(self, self.nic)
         self.makespan()
         self.no_overlap()

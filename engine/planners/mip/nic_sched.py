@@ -8,9 +8,11 @@ that crosses nodes in this placement starts to move its bytes.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from engine.core.ir import Transfer, topological_indices
 from engine.planners.mip.instance import Instance
-from engine.planners.mip.nic import Arc, NicTasks
+from engine.planners.mip.nic_tasks import Arc, Link, NicTasks
 from engine.planners.mip.symmetry import _tag, twin_groups
 from engine.planners.mip.warm import Schedule, candidate_schedules, free_arcs, makespan, memory_ok
 
@@ -58,19 +60,19 @@ def nic_semi_active(inst: Instance, nic: NicTasks, sched: Schedule, keep_frees: 
             succ[node[(i, j)]].append((j, c))
         else:
             succ[i].append((j, dur[i] + c))
-    last: dict = {}
+    last_op: dict[tuple[int, str], int] = {}
     for i in sorted(range(n), key=lambda i: (start[i], end[i], rank[i])):
-        for r in inst.resources(i, dev[i]):
-            if r in last:
-                succ[last[r]].append((i, dur[last[r]]))
-            last[r] = i
+        for res in inst.resources(i, dev[i]):
+            if res in last_op:
+                succ[last_op[res]].append((i, dur[last_op[res]]))
+            last_op[res] = i
     ref = {t: given.get(t, end[t[0]]) for t in tasks}
-    last = {}
+    last_task: dict[Link, Arc] = {}
     for t in sorted(tasks, key=lambda t: (ref[t], rank[t[0]], rank[t[1]])):
-        for r in nic.used(t, dev[t[0]], dev[t[1]]):
-            if r in last:
-                succ[node[last[r]]].append((node[t], nic.tau(last[r], r)))
-            last[r] = t
+        for link in nic.used(t, dev[t[0]], dev[t[1]]):
+            if link in last_task:
+                succ[node[last_task[link]]].append((node[t], nic.tau(last_task[link], link)))
+            last_task[link] = t
     if keep_frees:
         for r, o in free_arcs(inst, dev, start):
             succ[r].append((o, dur[r]))
@@ -96,7 +98,7 @@ def nic_compact(inst: Instance, nic: NicTasks, sched: Schedule) -> NicSchedule |
 
 
 def best_nic_schedule(inst: Instance, nic: NicTasks,
-                      extra: list[tuple[str, Schedule]] = ()) -> tuple[str, NicSchedule] | None:
+                      extra: Sequence[tuple[str, Schedule]] = ()) -> tuple[str, NicSchedule] | None:
     """The shortest memory-feasible schedule under NIC capacity among ``extra`` and the list
     schedules of :func:`engine.planners.mip.warm.candidate_schedules`, each made NIC-feasible by
     :func:`nic_compact` (transfers in the order their sources end)."""

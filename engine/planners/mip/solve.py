@@ -19,6 +19,9 @@ import pyomo.environ as pyo
 from engine.core.errors import InfeasibleError, InputError
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import Builder, ModelInfo
+from engine.planners.mip.nic import extract_sigma
+from engine.planners.mip.nic import warm_values as nic_warm_values
+from engine.planners.mip.nic_sched import NicSchedule
 from engine.planners.mip.warm import Schedule
 
 # Option names of other solvers for (time limit s, relative gap).
@@ -78,8 +81,6 @@ def warm_values(builder: Builder, sched: Schedule) -> dict[int, float]:
             peak = max(peak, inst.static[dev[o]] + live)
         vals[id(m.peak)] = float(peak) / builder.mem_unit
     if getattr(builder, "nic", None) is not None:
-        from engine.planners.mip.nic import warm_values as nic_warm_values
-
         vals.update(nic_warm_values(builder, sched))
     return vals
 
@@ -95,9 +96,6 @@ def extract(builder: Builder) -> Schedule:
             dev.append(max(inst.devices[i], key=lambda d: (pyo.value(m.x[i, d]) or 0.0, -d)))
         start.append(max(0.0, float(pyo.value(m.s[i]))))
     if getattr(builder, "nic", None) is not None:  # keep the transfer starts (NIC capacity)
-        from engine.planners.mip.nic import extract_sigma
-        from engine.planners.mip.nic_sched import NicSchedule
-
         return NicSchedule(dev, start, extract_sigma(builder, dev))
     return dev, start
 
@@ -329,18 +327,19 @@ def diagnose_static(inst: Instance, workload) -> None:
                                   f"of {_gib(inst.static[d])} static, over the cap {_gib(inst.cap[d])} "
                                   f"(and on every other GPU it may use)")
     # allocations on one fixed GPU that the dependencies keep live at an op's start
-    fixed = [i for i in range(len(inst)) if inst.alloc[i] and inst.fixed_device(i) is not None]
     by_dev: dict[int, list[int]] = {}
-    for i in fixed:
-        by_dev.setdefault(inst.fixed_device(i), []).append(i)
+    for i in range(len(inst)):
+        pinned = inst.fixed_device(i)
+        if inst.alloc[i] and pinned is not None:
+            by_dev.setdefault(pinned, []).append(i)
     for d, ops in sorted(by_dev.items()):
-        for o in ops:
-            live = [a for a in ops if a == o or (inst.ordered(a, o) and any(
-                (r == o or inst.ordered(o, r)) and inst.pmin(r) > 0 for r in inst.releasers(a)))]
+        for i in ops:
+            live = [a for a in ops if a == i or (inst.ordered(a, i) and any(
+                (r == i or inst.ordered(i, r)) and inst.pmin(r) > 0 for r in inst.releasers(a)))]
             used = inst.static[d] + sum(inst.alloc[a] for a in live)
             if used > inst.cap[d]:
                 names = ", ".join(inst.ids[a] for a in live[:4]) + (", ..." if len(live) > 4 else "")
-                raise InfeasibleError(None, None, f"memory on GPU {d}: when {inst.ids[o]} starts, {len(live)} "
+                raise InfeasibleError(None, None, f"memory on GPU {d}: when {inst.ids[i]} starts, {len(live)} "
                                       f"allocations ({names}) must be live: {_gib(used)} with static, over the cap "
                                       f"{_gib(inst.cap[d])}")
 

@@ -109,7 +109,7 @@ def devices_interchangeable(inst: Instance) -> bool:
 
 def restrict_devices(inst: Instance) -> Instance:
     """The op of topological rank k may only use GPUs 0..k (see the module docstring)."""
-    fixed = {}
+    fixed: dict[int, int] = {}
     devices = list(inst.devices)
     for k, i in enumerate(inst.topo()):
         if k + 1 < inst.n_devices:

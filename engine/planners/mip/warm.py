@@ -17,7 +17,7 @@ schedule is ``(device, start)`` lists indexed like the instance; times in us.
 from __future__ import annotations
 
 import heapq
-from typing import Callable
+from typing import Callable, Sequence
 
 from engine.planners.mip.instance import Instance
 
@@ -30,11 +30,11 @@ def priority_rules(inst: Instance) -> dict[str, list[tuple]]:
     """Name -> per-op sort key (smaller runs first)."""
     head, tail = inst.heads(), inst.tails()
     n = len(inst)
-    rules = {
+    rules: dict[str, list[tuple]] = {
         "critical_path": [(-(inst.pmin(i) + tail[i]), head[i], i) for i in range(n)],
         "head": [(head[i], -tail[i], i) for i in range(n)],
     }
-    frees = set()
+    frees: set[int] = set()
     for a in range(n):
         if inst.alloc[a] > 0:
             frees.update(r for r in inst.releasers(a) if r != a)
@@ -42,7 +42,7 @@ def priority_rules(inst: Instance) -> dict[str, list[tuple]]:
         rules["release_first"] = [(0 if i in frees else 1, -(inst.pmin(i) + tail[i]), i) for i in range(n)]
     if any("phase" in t for t in inst.tags):
         for name, rank in (("zero_bubble", PHASE_RANK), ("one_f_one_b", LEAN_RANK)):
-            rules[name] = [(rank.get(inst.tags[i].get("phase"), 3), inst.tags[i].get("microbatch", 0), -tail[i], i)
+            rules[name] = [(rank.get(inst.tags[i].get("phase", ""), 3), inst.tags[i].get("microbatch", 0), -tail[i], i)
                            for i in range(n)]
     return rules
 
@@ -95,8 +95,8 @@ def parallel_schedule(inst: Instance, key: list[tuple], inflight: int | None = N
                 continue
             d = best[1]
             dev[i], start[i], end[i] = d, t, t + inst.dur[i][d]
-            for r in inst.resources(i, d):
-                free_at[r] = end[i]
+            for res in inst.resources(i, d):
+                free_at[res] = end[i]
             used[d] += inst.alloc[i]
             if inst.release[i]:
                 open_allocs[d] += 1
@@ -142,6 +142,7 @@ def eft_schedule(inst: Instance, key: list[tuple]) -> Schedule:
             cand = (s + inst.dur[i][d], d, s)
             if best is None or cand < best:
                 best = cand
+        assert best is not None, "every op has an eligible GPU (checked by diagnose_static)"
         f, d, s = best
         dev[i], start[i], end[i] = d, s, f
         for r in inst.resources(i, d):
@@ -184,7 +185,7 @@ def free_arcs(inst: Instance, dev: list[int], start: list[float]) -> list[tuple[
     n = len(inst)
     end = [start[i] + inst.dur[i][dev[i]] for i in range(n)]
     allocs = [a for a in range(n) if inst.alloc[a] > 0]
-    out = set()
+    out: set[tuple[int, int]] = set()
     for o in allocs:
         for a in allocs:
             if a != o and dev[a] == dev[o] and start[a] <= start[o]:
@@ -211,10 +212,10 @@ def semi_active(inst: Instance, dev: list[int], start: list[float], keep_frees: 
     last: dict[tuple[int, str], int] = {}
     stream_pred: list[list[int]] = [[] for _ in range(n)]
     for i in order:
-        for r in inst.resources(i, dev[i]):
-            if r in last:
-                stream_pred[i].append(last[r])
-            last[r] = i
+        for res in inst.resources(i, dev[i]):
+            if res in last:
+                stream_pred[i].append(last[res])
+            last[res] = i
     new_start, end = [0.0] * n, [0.0] * n
     preds = inst.preds()
     for i in sorted(range(n), key=lambda i: pos[i]):
@@ -258,7 +259,7 @@ def memory_ok(inst: Instance, sched: Schedule) -> bool:
     return True
 
 
-def best_schedule(inst: Instance, extra: list[tuple[str, Schedule]] = (),
+def best_schedule(inst: Instance, extra: Sequence[tuple[str, Schedule]] = (),
                   accept: Callable[[Schedule], bool] | None = None) -> tuple[str, Schedule] | None:
     """The shortest memory-feasible schedule among the candidates (semi-active), or None."""
     best = None

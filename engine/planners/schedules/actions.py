@@ -45,6 +45,7 @@ class Action:
 
     def op_ids(self, has_w: bool) -> list[str]:
         """Workload op ids this action runs, in order (``BW`` is ``B`` then ``W``)."""
+        phases: tuple[str, ...]
         if self.phase == "BW":
             phases = ("B", "W") if has_w else ("B",)
         elif self.phase == "W":

@@ -16,7 +16,12 @@ backward (``BW``). Notation: ``p`` GPUs, ``m`` micro-batches, rank ``r`` = the G
 
 from __future__ import annotations
 
-from engine.planners.schedules.actions import Action, PipelineShape, Schedule
+from functools import partial
+from typing import Callable, TypeVar
+
+from engine.planners.schedules.actions import Action, PipelineShape, Schedule, Step
+
+T = TypeVar("T")
 
 
 def gpipe(shape: PipelineShape) -> Schedule:
@@ -24,9 +29,9 @@ def gpipe(shape: PipelineShape) -> Schedule:
     shape.need_directions("gpipe", 1)
     gpus = shape.linear("gpipe")
     m = shape.microbatches
-    ranks = {}
+    ranks: dict[int, list[Step]] = {}
     for r, gpu in enumerate(gpus):
-        ranks[gpu] = [Action("F", r, k) for k in range(m)] + [Action("BW", r, k) for k in range(m)]
+        ranks[gpu] = [Action(ph, r, k) for ph in ("F", "BW") for k in range(m)]  # all forwards, then all backwards
     return Schedule("gpipe", ranks, {"gpus": len(gpus)})
 
 
@@ -35,14 +40,13 @@ def one_f_one_b(shape: PipelineShape) -> Schedule:
     shape.need_directions("1f1b", 1)
     gpus = shape.linear("1f1b")
     p, m = len(gpus), shape.microbatches
-    ranks = {}
+    ranks: dict[int, list[Step]] = {}
     for r, gpu in enumerate(gpus):
-        ranks[gpu] = _one_f_one_b_order(min(p - 1 - r, m), m,
-                                        lambda k, r=r: Action("F", r, k), lambda k, r=r: Action("BW", r, k))
+        ranks[gpu] = one_f_one_b_sequence(min(p - 1 - r, m), m, partial(Action, "F", r), partial(Action, "BW", r))
     return Schedule("1f1b", ranks, {"gpus": p})
 
 
-def _one_f_one_b_order(warmup: int, total: int, fwd, bwd) -> list[Action]:
+def one_f_one_b_sequence(warmup: int, total: int, fwd: Callable[[int], T], bwd: Callable[[int], T]) -> list[T]:
     """``warmup`` forwards, then (forward, backward) pairs, then the remaining backwards;
     ``fwd(k)`` / ``bwd(k)`` give the k-th forward / backward of the rank."""
     seq = [fwd(k) for k in range(warmup)]
@@ -67,7 +71,7 @@ def interleaved(shape: PipelineShape) -> Schedule:
         chunk = within // p
         return (v - 1 - chunk if backward else chunk), (k // group) * p + within % p
 
-    ranks = {}
+    ranks: dict[int, list[Step]] = {}
     for r, gpu in enumerate(gpus):
         def fwd(k, r=r):
             c, mb = chunk_mb(k, False)
@@ -78,5 +82,5 @@ def interleaved(shape: PipelineShape) -> Schedule:
             return Action("BW", c * p + r, mb)
 
         warmup = min((p - 1 - r) * 2 + (v - 1) * p, m * v)
-        ranks[gpu] = _one_f_one_b_order(warmup, m * v, fwd, bwd)
+        ranks[gpu] = one_f_one_b_sequence(warmup, m * v, fwd, bwd)
     return Schedule("interleaved", ranks, {"gpus": p, "chunks": v})

@@ -25,17 +25,20 @@ from typing import Callable
 
 from engine.core.errors import InfeasibleError, InputError
 from engine.core.ir import Plan, Workload
+from engine.core.memory import memory_caps
+from engine.core.options import SolverOptions
 from engine.planners.schedules.actions import PipelineShape, Schedule, round_robin_stage_devices, v_stage_devices
 from engine.planners.schedules.dualpipe import dualpipe, dualpipev
 from engine.planners.schedules.fusion import overlap_ratio
 from engine.planners.schedules.gpipe_1f1b import gpipe, interleaved, one_f_one_b
 from engine.planners.schedules.timing import schedule_plan
 from engine.planners.schedules.zero_bubble import zb_h1, zb_h2, zb_v
-from engine.workloads.pipeline import build_pipeline
+from engine.planners.validate import peak_memory
+from engine.workloads.pipeline import SCHEDULE_NAMES, build_pipeline
 
 Generator = Callable[..., Schedule]
 
-SCHEDULES: dict[str, Generator] = {
+_GENERATORS: dict[str, Generator] = {
     "gpipe": lambda shape, comm=None: gpipe(shape),
     "1f1b": lambda shape, comm=None: one_f_one_b(shape),
     "interleaved": lambda shape, comm=None: interleaved(shape),
@@ -45,7 +48,7 @@ SCHEDULES: dict[str, Generator] = {
     "dualpipe": dualpipe,
     "dualpipev": dualpipev,
 }
-SCHEDULE_NAMES = tuple(SCHEDULES)
+SCHEDULES: dict[str, Generator] = {name: _GENERATORS[name] for name in SCHEDULE_NAMES}
 # name -> (layout, chunks per GPU, directions)
 LAYOUTS: dict[str, tuple[str, int, int]] = {
     "gpipe": ("linear", 1, 1), "1f1b": ("linear", 1, 1), "zb-h1": ("linear", 1, 1), "zb-h2": ("linear", 1, 1),
@@ -118,7 +121,7 @@ def applicable(base: Workload, comm=None, names=SCHEDULE_NAMES) -> dict[str, tup
     return out
 
 
-def schedule_planner(scenario, options: dict) -> Plan:
+def schedule_planner(scenario, options: SolverOptions) -> Plan:
     """The ``schedule:<name>`` planner: the op-level plan of the named schedule on the scenario's
     own workload (see :func:`engine.planners.schedules.timing.schedule_plan`).
 
@@ -128,9 +131,7 @@ def schedule_planner(scenario, options: dict) -> Plan:
     (``plansim compare``). Raises :class:`InfeasibleError` when the schedule needs more memory
     than the cap.
     """
-    from engine.planners.validate import memory_caps, peak_memory
-
-    name = options["planner"].split(":", 1)[1]
+    name = options.planner.split(":", 1)[1]
     check_name(name, scenario.path)
     wl = scenario.workload
     try:

@@ -20,6 +20,7 @@ from collections import deque
 
 from engine.core.ir import Placement, Plan, Workload
 from engine.planners.schedules.actions import PipelineShape, Schedule
+from engine.planners.validate import make_transfers
 
 
 class ScheduleError(RuntimeError):
@@ -105,8 +106,6 @@ def _earliest_start(ids: list[str], gpu: int, free: float, graph, placed, comm) 
 def plan_from_steps(name: str, ranks: RankSteps, workload: Workload, comm, gpu_model: str | None = None,
                     meta: dict | None = None) -> Plan:
     """The semi-active :class:`Plan` (planner ``schedule:<name>``) of per-GPU steps of op ids."""
-    from engine.planners.validate import make_transfers
-
     placements = time_steps(name, ranks, workload, comm, gpu_model)
     order = {gpu: [o for _, ids in ranks[gpu] for o in ids] for gpu in sorted(ranks)}
     return Plan(workload=workload.name, placements=dict(sorted(placements.items())), planner=f"schedule:{name}",

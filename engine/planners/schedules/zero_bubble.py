@@ -21,8 +21,9 @@ ZB-V. They split the backward into ``B`` (input gradient, on the critical path b
 from __future__ import annotations
 
 import heapq
+from typing import Any, Callable
 
-from engine.planners.schedules.actions import Action, PipelineShape, Schedule
+from engine.planners.schedules.actions import Action, PipelineShape, Schedule, Step
 
 
 def zb_h1(shape: PipelineShape) -> Schedule:
@@ -31,10 +32,10 @@ def zb_h1(shape: PipelineShape) -> Schedule:
     shape.need_w("zb-h1")
     gpus = shape.linear("zb-h1")
     p, m = len(gpus), shape.microbatches
-    ranks = {}
+    ranks: dict[int, list[Step]] = {}
     for r, gpu in enumerate(gpus):
         warmup = min(p - 1 - r, m)
-        seq = [Action("F", r, k) for k in range(warmup)]
+        seq: list[Step] = [Action("F", r, k) for k in range(warmup)]
         w_next = 0
 
         def w_until(k: int) -> list[Action]:
@@ -81,11 +82,11 @@ def zb_v(shape: PipelineShape, comm=None) -> Schedule:
     gpus = shape.v_shape("zb-v")
     p, m = len(gpus), shape.microbatches
     n = max(m, 2 * p - 1)
-    ranks = {}
+    ranks: dict[int, list[Step]] = {}
     for r, gpu in enumerate(gpus):
         c0, c1 = r, 2 * p - 1 - r
         count = {(ph, c): 0 for ph in "FBW" for c in (c0, c1)}
-        seq: list[Action] = []
+        seq: list[Step] = []
 
         def run(phase: str, stage: int) -> None:
             k = count[(phase, stage)]
@@ -124,7 +125,7 @@ def zb_v(shape: PipelineShape, comm=None) -> Schedule:
 RULE = "list schedule on the workload's times: B > F (in-flight limit) > W"
 
 
-def timing_of(shape: PipelineShape, comm):
+def timing_of(shape: PipelineShape, comm: Any) -> tuple[dict[str, float], Callable[[str, int, int], float]]:
     """(per-phase duration in us, stage-to-stage delay function) of ``shape`` under ``comm``
     (no communication delay when ``comm`` is None)."""
     dur = {ph: float(shape.times.get(ph, 0.0)) for ph in ("F", "B", "W")}
@@ -139,7 +140,7 @@ def timing_of(shape: PipelineShape, comm):
 
 
 def list_schedule(shape: PipelineShape, dur: dict[str, float], delay, chunks: dict[int, list[int]],
-                  limits: dict[int, int], warmup: dict[int, int] | None = None) -> dict[int, list[Action]]:
+                  limits: dict[int, int], warmup: dict[int, int] | None = None) -> dict[int, list[Step]]:
     """Per GPU, the order an event-driven list schedule runs (see the module docstring).
 
     ``dur[phase]`` is the time (us) of one pass of a chunk, ``delay(phase_from, stage_from,
@@ -160,7 +161,7 @@ def list_schedule(shape: PipelineShape, dur: dict[str, float], delay, chunks: di
     live = {gpu: 0 for gpu in chunks}
     forwards = {gpu: 0 for gpu in chunks}
     backwards = {gpu: 0 for gpu in chunks}
-    order: dict[int, list[Action]] = {gpu: [] for gpu in chunks}
+    order: dict[int, list[Step]] = {gpu: [] for gpu in chunks}
     remaining = 3 * stages * m
 
     def arrive(gpu: int, t: float) -> None:
