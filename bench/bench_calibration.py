@@ -27,15 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-from hardware_profiles import build_cluster, load_profile, override_profile  # noqa: E402
-from engine.calibration.collective_fit import (alternate_split, fit_collectives, points_from_lut,  # noqa: E402
-                                                  points_from_nccl)
+from engine.calibration.collective_fit import alternate_split, fit_collectives, points_from_lut, points_from_nccl  # noqa: E402
 from engine.calibration.collective_model import CollectiveModel, mape  # noqa: E402
 from engine.calibration.compute_check import check_with_simulator  # noqa: E402
 from engine.calibration.compute_fit import IterationModel, fit_compute, random_split  # noqa: E402
 from engine.calibration.kineto import read_kineto  # noqa: E402
 from engine.calibration.nccl_tests import bus_factor, read_nccl_tests  # noqa: E402
 from engine.calibration.vtrain import read_ar_lut, read_ground_truth  # noqa: E402
+from hardware_profiles import build_cluster, load_profile, override_profile  # noqa: E402
 
 NCCL_FILES = ["single_N1_G4_cnode3-002.log", "single_N1_G8_cnode3-002.log"] + [f"multi_N10_G{g}.log" for g in (1, 2, 4, 8)]
 

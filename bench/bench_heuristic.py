@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.core.comm import CommModel  # noqa: E402
-from engine.workloads.graphgen import generate  # noqa: E402
 from engine.planners.heuristic import plan_heuristic  # noqa: E402
 from engine.planners.validate import lower_bounds, validate_plan  # noqa: E402
+from engine.workloads.graphgen import generate  # noqa: E402
 from engine.workloads.pipeline import graph_from_dict  # noqa: E402
 from hardware_profiles import build_cluster, load_profile  # noqa: E402
 

@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.core.errors import InputError  # noqa: E402
-from engine.study.loop import refine  # noqa: E402
-from engine.scenario.loader import load_scenario  # noqa: E402
 from engine.planners.validate import validate_plan  # noqa: E402
-
+from engine.scenario.loader import load_scenario  # noqa: E402
+from engine.study.loop import refine  # noqa: E402
 
 UPDATE_STUDY = ("quickstart", "contention_2node", "moe_branchy")
 

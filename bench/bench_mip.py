@@ -34,16 +34,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reference_optimum import available as reference_available  # noqa: E402
+from reference_optimum import solve_reference
+
 from engine.core.comm import CommModel  # noqa: E402
 from engine.core.errors import InputError, write_atomic  # noqa: E402
-from engine.workloads.graphgen import generate  # noqa: E402
 from engine.planners.heuristic import plan_heuristic  # noqa: E402
-from engine.planners.mip.plan import plan_mip  # noqa: E402
 from engine.planners.mip.model import DEFAULT_SPEEDUPS  # noqa: E402
+from engine.planners.mip.plan import plan_mip  # noqa: E402
 from engine.planners.validate import peak_memory, validate_plan  # noqa: E402
+from engine.workloads.graphgen import generate  # noqa: E402
 from engine.workloads.pipeline import build_pipeline, graph_from_dict  # noqa: E402
 from hardware_profiles import build_cluster, load_profile  # noqa: E402
-from reference_optimum import available as reference_available, solve_reference  # noqa: E402
 
 GIB = 1 << 30
 UNIT_US = 1000.0

@@ -26,11 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.workloads.graphgen import generate as generate_graph  # noqa: E402
-from engine.scenario.loader import load_scenario, scenario_from_dict  # noqa: E402
 from engine.planners.schedules.library import SCHEDULE_NAMES, applicable  # noqa: E402
-from engine.study.compare import compare, simulate_row  # noqa: E402
 from engine.planners.schedules.timing import schedule_plan  # noqa: E402
+from engine.scenario.loader import load_scenario, scenario_from_dict  # noqa: E402
+from engine.study.compare import compare, simulate_row  # noqa: E402
+from engine.workloads.graphgen import generate as generate_graph  # noqa: E402
 
 GIB = 1 << 30
 

@@ -4,7 +4,6 @@ parameters, the measured-data targets, failure handling and the ``plansim calibr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +11,13 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.calibration.collective_fit import alternate_split, fit_collectives, points_from_lut, points_from_nccl
+from engine.calibration.collective_model import CollectiveModel, CollectivePoint, mape
 from engine.cli import main
 from hardware_profiles import build_cluster, load_profile, override_profile
 from hardware_profiles.loader import shipped_path
-from engine.calibration.collective_fit import alternate_split, fit_collectives, points_from_lut, points_from_nccl
-from engine.calibration.collective_model import CollectiveModel, CollectivePoint, mape
 from simulator.collectives import collective_time
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared measured data not present")
 H100 = load_profile("h100-sxm")
 
 
@@ -122,27 +119,25 @@ def test_alternate_split_takes_every_other_size_per_curve():
 
 # ----- the measured targets ---------------------------------------------------------------------
 
-@needs_data
-def test_a100_allreduce_fitted_on_eight_gpus_predicts_two_four_and_eight_within_5_percent():
+def test_a100_allreduce_fitted_on_eight_gpus_predicts_two_four_and_eight_within_5_percent(data_dir):
     from engine.calibration.vtrain import read_ar_lut
 
     a100 = load_profile("a100-sxm4-80gb")
-    tables = {g: points_from_lut(read_ar_lut(DATA / "vtrain-a100" / f"AR_GPU{g}_1M_1024M_LUT.csv")) for g in (2, 4, 8)}
+    tables = {g: points_from_lut(read_ar_lut(data_dir / "vtrain-a100" / f"AR_GPU{g}_1M_1024M_LUT.csv")) for g in (2, 4, 8)}
     start = CollectiveModel(a100, tables[8][:1]).base.copy()
     start.passes = 1.0
     fit = fit_collectives(a100, tables[8], start=start)
     fitted = override_profile(a100, fit.params.overrides())
-    for g, pts in tables.items():
+    for g, pts in tables.items():  # 8: in-sample (the fit's own table); 2 and 4: held out
         m = CollectiveModel(fitted, pts)
         assert mape(m.times(m.base), [p.time_us for p in pts]) < 5.0, g
 
 
-@needs_data
-def test_h100_nccl_tests_held_out_half_improves():
+def test_h100_nccl_tests_held_out_half_improves(data_dir):
     from engine.calibration.nccl_tests import read_nccl_tests
 
     names = ["single_N1_G4_cnode3-002.log", "single_N1_G8_cnode3-002.log", "multi_N10_G1.log", "multi_N10_G8.log"]
-    points, notes = points_from_nccl([read_nccl_tests(DATA / "nccl-tests-h100" / n) for n in names], 8)
+    points, notes = points_from_nccl([read_nccl_tests(data_dir / "nccl-tests-h100" / n) for n in names], 8)
     assert not notes and len(points) == 200
     fit = fit_collectives(H100, points, alternate_split(points))
     assert fit.converged
@@ -155,15 +150,14 @@ def test_h100_nccl_tests_held_out_half_improves():
     assert times[0] < times[1]
 
 
-@needs_data
-def test_h100_nccl_tests_every_other_size_predicts_the_rest_within_5_percent():
+def test_h100_nccl_tests_every_other_size_predicts_the_rest_within_5_percent(data_dir):
     """Issue 7: single- and multi-node nccl-tests, fitted on every other size of every curve,
     predict the held-out half within 5% MAPE; the fitted bus bandwidth rises with size on every
     curve, NVLS beats the ring on one node, and every across-node point is NIC-bound."""
     from engine.calibration.nccl_tests import bus_factor, read_nccl_tests
 
     names = ["single_N1_G4_cnode3-002.log", "single_N1_G8_cnode3-002.log"] + [f"multi_N10_G{g}.log" for g in (1, 2, 4, 8)]
-    points, notes = points_from_nccl([read_nccl_tests(DATA / "nccl-tests-h100" / n) for n in names], 8)
+    points, notes = points_from_nccl([read_nccl_tests(data_dir / "nccl-tests-h100" / n) for n in names], 8)
     assert not notes and len(points) == 300
     train = alternate_split(points)
     fit = fit_collectives(H100, points, train)
@@ -185,12 +179,11 @@ def test_h100_nccl_tests_every_other_size_predicts_the_rest_within_5_percent():
     assert all(c == "nic" for p, c in zip(points, necks) if p.nodes > 1)
 
 
-@needs_data
-def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked():
+def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked(data_dir):
     from engine.calibration.compute_fit import IterationModel, fit_compute, random_split
     from engine.calibration.vtrain import read_ground_truth
 
-    runs = read_ground_truth(DATA / "vtrain-a100" / "ground_truth_single.csv")
+    runs = read_ground_truth(data_dir / "vtrain-a100" / "ground_truth_single.csv")
     model = IterationModel(runs, build_cluster(load_profile("a100-sxm4-80gb"), 1))
     fit = fit_compute(model, random_split(len(runs), 0.5, seed=0))
     assert fit.converged
@@ -198,13 +191,12 @@ def test_vtrain_iteration_times_held_out_half_within_10_percent_and_ranked():
     assert fit.mape("before", "test") > 2 * fit.mape("after", "test")
 
 
-@needs_data
-def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees():
+def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees(data_dir):
     from engine.calibration.compute_check import closed_form_us, simulated_us
     from engine.calibration.compute_fit import IterationModel
     from engine.calibration.vtrain import read_ground_truth
 
-    runs = read_ground_truth(DATA / "vtrain-a100" / "ground_truth_single.csv")
+    runs = read_ground_truth(data_dir / "vtrain-a100" / "ground_truth_single.csv")
     pick = [next(r for r in runs if (r.tp, r.pp, r.dp) == shape and r.microbatches <= 4)
             for shape in ((1, 1, 2), (2, 2, 2), (1, 4, 2), (8, 1, 1), (4, 2, 1))]
     params = (0.6, 2.0, 0.8, 7.0)
@@ -215,10 +207,10 @@ def test_vectorised_prediction_equals_the_closed_form_and_the_simulator_agrees()
     vec = IterationModel(pick, cluster).predict(params)
     closed = [closed_form_us(r, cluster) for r in pick]
     assert vec == pytest.approx(closed, rel=1e-9)
-    from engine.core.comm import CommModel
-    from engine.workloads.transformer import build_transformer
     from engine.calibration.compute_fit import run_spec
+    from engine.core.comm import CommModel
     from engine.planners.pipeline_time import one_f_one_b_order, semi_active_plan
+    from engine.workloads.transformer import build_transformer
 
     for r, c in zip(pick, closed):
         sim, _ops = simulated_us(r, cluster)
@@ -236,15 +228,14 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@needs_data
-def test_cli_allreduce_lut_writes_a_new_profile_deterministically(tmp_path):
-    lut = DATA / "vtrain-a100" / "AR_GPU8_1M_1024M_LUT.csv"
+def test_cli_allreduce_lut_writes_a_new_profile_deterministically(data_dir, tmp_path):
+    lut = data_dir / "vtrain-a100" / "AR_GPU8_1M_1024M_LUT.csv"
     shipped = shipped_path("a100-sxm4-80gb").read_bytes()
     outs = []
     for i in range(2):
         out = tmp_path / f"fit{i}.yaml"
         res = run("calibrate", "allreduce-lut", lut, "--profile", "a100-sxm4-80gb", "-o", out, "--json",
-                  "--check", DATA / "vtrain-a100" / "AR_GPU2_1M_1024M_LUT.csv")
+                  "--check", data_dir / "vtrain-a100" / "AR_GPU2_1M_1024M_LUT.csv")
         assert res.exit_code == 0, res.output
         outs.append(out.read_bytes())
         summary = json.loads(res.output)
@@ -255,19 +246,17 @@ def test_cli_allreduce_lut_writes_a_new_profile_deterministically(tmp_path):
     assert summary["checks"][0]["gpus"] == 2 and summary["checks"][0]["mape_after"] < 5.0
 
 
-@needs_data
-def test_cli_fit_that_does_not_converge_exits_1_and_keeps_the_input_profile(tmp_path):
+def test_cli_fit_that_does_not_converge_exits_1_and_keeps_the_input_profile(data_dir, tmp_path):
     out = tmp_path / "fit.yaml"
-    res = run("calibrate", "nccl-tests", DATA / "nccl-tests-h100" / "single_N1_G8_cnode3-002.log", "--profile",
+    res = run("calibrate", "nccl-tests", data_dir / "nccl-tests-h100" / "single_N1_G8_cnode3-002.log", "--profile",
               "h100-sxm", "-o", out, "--max-evals", 1)
     assert res.exit_code == 1 and "did not converge" in res.output
     assert load_profile(out) == load_profile("h100-sxm")
 
 
-@needs_data
-def test_cli_kineto_writes_one_row_per_gpu_activity(tmp_path):
+def test_cli_kineto_writes_one_row_per_gpu_activity(data_dir, tmp_path):
     out = tmp_path / "ops.csv"
-    res = run("calibrate", "kineto", DATA / "kineto-a100-ddp" / "nccl_data.json", "-o", out, "--json")
+    res = run("calibrate", "kineto", data_dir / "kineto-a100-ddp" / "nccl_data.json", "-o", out, "--json")
     assert res.exit_code == 0
     summary = json.loads(res.output)
     assert summary["nccl_kernels"] == summary["nccl_with_size"] == 21

@@ -5,19 +5,19 @@ from __future__ import annotations
 import random
 
 import pytest
+from fakes import FakeCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.planners.mip.coarsen import coarsen, count_pairs, expand, resolve_merge
 from engine.core.comm import CommModel
 from engine.core.errors import InputError
 from engine.core.ir import Edge, Op, Workload
-from engine.planners.mip.plan import plan_mip
+from engine.planners.mip.coarsen import coarsen, count_pairs, expand, resolve_merge
 from engine.planners.mip.instance import Instance
+from engine.planners.mip.plan import plan_mip
 from engine.planners.mip.warm import best_schedule, makespan, memory_ok, semi_active
 from engine.planners.validate import validate_plan
 from engine.workloads.pipeline import build_pipeline
-from fakes import FakeCluster
 
 GIB = 1 << 30
 
@@ -157,9 +157,9 @@ def test_memory_area_bound_by_hand(p, m, cap, want):
 
 
 def test_window_mips_never_make_a_plan_worse_and_fix_a_poor_one():
-    from engine.workloads.graphgen import generate
     from engine.planners.mip.lns import improve, slack
     from engine.planners.mip.warm import eft_schedule, priority_rules
+    from engine.workloads.graphgen import generate
     from engine.workloads.pipeline import graph_from_dict
 
     wl = graph_from_dict(generate("layered", 30, seed=5, gpus=3, eligible=2))

@@ -1,17 +1,19 @@
 """The list-scheduling planner: valid plans on random DAGs, never below the lower bounds,
-memory caps honoured (pipelines included), infeasible caps reported, deterministic."""
+memory caps honoured (pipelines included), infeasible caps reported and proved infeasible
+independently (a bound or an exhaustive search), deterministic."""
 
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 
-from engine.core.delay_table import DelayTable
 from engine.core.comm import CommModel
+from engine.core.delay_table import DelayTable
 from engine.core.errors import InfeasibleError
-from engine.core.ir import Collective, Edge, Op, Workload
-from engine.planners.heuristic import plan_heuristic
+from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
 from engine.core.memory import INF, MemoryTimeline
+from engine.planners.heuristic import plan_heuristic
 from engine.planners.validate import compact, lower_bounds, peak_memory, validate_plan
 from engine.workloads.pipeline import build_pipeline
 
@@ -41,11 +43,15 @@ def plan_and_check(wl, cluster, comm=None, cap=None):
 
 
 @st.composite
-def random_dags(draw, memory="none"):
-    """Layered or branchy DAGs of up to 24 ops with flexible placement subsets, comm ops,
-    a collective now and then, edge bytes and (``memory`` = "own" / "release") allocations."""
+def random_dags(draw, memory="none", max_ops=24):
+    """Layered or branchy DAGs of up to ``max_ops`` ops with flexible placement subsets, comm ops,
+    a collective now and then, edge bytes and (``memory`` = "own" / "release") allocations.
+
+    Ops that allocate last at least 1 us: the validator frees a zero-length op's allocation
+    before making it (frees at t go first), so it never counts, while the heuristic counts it;
+    with positive lengths both agree with the exhaustive check below."""
     n_gpus = draw(st.integers(1, 4))
-    n = draw(st.integers(1, 24))
+    n = draw(st.integers(1, max_ops))
     shape = draw(st.sampled_from(["layered", "branchy"]))
     layer = sorted(draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))) if shape == "layered" else list(range(n))
     edges = {}
@@ -71,6 +77,7 @@ def random_dags(draw, memory="none"):
             consumers = [f"o{v}" for (u, v) in edges if u == i]
             if memory == "release" and consumers:
                 release = tuple(draw(st.lists(st.sampled_from(consumers), min_size=1, unique=True)))
+            dur = max(dur, 1.0)
         ops.append(Op(f"o{i}", dur, kind=kind, devices=devices, memory_bytes=mem, release=release, collective=coll))
     static = {d: draw(st.sampled_from([0, 5])) for d in range(n_gpus)} if memory != "none" else {}
     wl = Workload("random", ops, [Edge(f"o{u}", f"o{v}", b) for (u, v), b in sorted(edges.items())], static)
@@ -101,17 +108,207 @@ def test_memory_freed_at_own_end_always_fits_the_largest_op(case, slack):
     assert max(peak_memory(plan, wl).values(), default=0) <= cap
 
 
+# -- infeasibility, checked independently of the heuristic --------------------------------------------
+
+class SearchTooBig(Exception):
+    """The exhaustive search met more states than its limit."""
+
+
+def eligible_gpus(op, n_gpus):
+    if op.collective is not None:
+        return (op.collective.group[0],)
+    return tuple(range(n_gpus)) if op.devices is None else tuple(d for d in op.devices if d < n_gpus)
+
+
+def op_that_fits_nowhere(wl, n_gpus, cap):
+    """A lower bound that proves infeasibility: some GPU's static memory exceeds the cap, or some
+    op's allocation plus the static memory exceeds the cap on every GPU it may run on."""
+    static = [wl.static_memory_bytes.get(d, 0) for d in range(n_gpus)]
+    if any(s > cap for s in static):
+        return "static"
+    for op in wl.ops.values():
+        if op.memory_bytes > 0 and all(static[d] + op.memory_bytes > cap for d in eligible_gpus(op, n_gpus)):
+            return op.id
+    return None
+
+
+def serial_witness(wl, n_gpus, cap, limit=20_000):
+    """Exhaustively: a list of (op, GPU), run one op at a time in that order, that keeps static +
+    live allocations within ``cap`` on every GPU, or None if there is none (raises SearchTooBig
+    past ``limit`` search states).
+
+    Why one op at a time is enough: take any valid plan and sort its ops by (start, end); run
+    serially in that order, an allocation is live at an op's start only if it was live there in
+    the plan (its op started no later, and one of its release ops starts no earlier: with
+    positive lengths for allocating ops it ends after that start), so memory only goes down.
+    Run serially, ``a`` is live from its start until the last of ``a`` and its release ops ends;
+    at op ``x``'s start that is: placed, and some release op not yet placed before ``x``."""
+    ids = sorted(wl.ops)
+    idx = {o: i for i, o in enumerate(ids)}
+    ops = [wl.ops[o] for o in ids]
+    n = len(ids)
+    preds = [0] * n
+    for u, v in wl.graph.edges:
+        preds[idx[v]] |= 1 << idx[u]
+    elig = [eligible_gpus(op, n_gpus) for op in ops]
+    mem = [op.memory_bytes for op in ops]
+    rel = [sum(1 << idx[r] for r in op.release) for op in ops]
+    static = [wl.static_memory_bytes.get(d, 0) for d in range(n_gpus)]
+    if any(s > cap for s in static) or any(not e for e in elig):
+        return None
+    full = (1 << n) - 1
+    dead: set = set()
+    path: list = []
+
+    def search(placed, live):  # live: frozenset of (op index, GPU) whose release ops are not all placed
+        if placed == full:
+            return True
+        if (placed, live) in dead:
+            return False
+        if len(dead) > limit:
+            raise SearchTooBig
+        for x in range(n):
+            if placed >> x & 1 or preds[x] & ~placed:
+                continue
+            after = placed | 1 << x
+            for d in elig[x] if mem[x] else elig[x][:1]:  # without memory the GPU does not matter
+                if mem[x] and static[d] + mem[x] + sum(mem[a] for a, g in live if g == d) > cap:
+                    continue
+                nxt = frozenset((a, g) for a, g in live | ({(x, d)} if mem[x] else set()) if rel[a] & ~after)
+                path.append((ids[x], d))
+                if search(after, nxt):
+                    return True
+                path.pop()
+        dead.add((placed, live))
+        return False
+
+    return list(path) if search(0, frozenset()) else None
+
+
+def serial_plan(wl, cluster, comm, order):
+    """The plan that runs ``order`` ((op, GPU) pairs) one op at a time, each as early as its
+    inputs and the previous op allow."""
+    t, pl, by_gpu = 0.0, {}, {}
+    for o, d in order:
+        s = t
+        for u in wl.graph.predecessors(o):
+            s = max(s, pl[u].end + comm.delay(u, o, pl[u].device, d, wl.graph.edges[u, o]["bytes"]))
+        t = s + wl.ops[o].duration_on(cluster.gpu_model)
+        pl[o] = Placement(d, s, t)
+        by_gpu.setdefault(d, []).append(o)
+    return Plan(wl.name, pl, "serial", "serial", makespan_us=t, order=by_gpu)
+
+
+class FalseInfeasibility(AssertionError):
+    """The heuristic reported a cap infeasible for which a valid plan exists."""
+
+
+def test_exhaustive_search_on_hand_cases():
+    cluster = FakeCluster(1)
+    comm = CommModel(cluster)
+    # a frees when its consumer c ends: b must not run between them
+    wl = Workload("hand", [Op("a", 1.0, memory_bytes=60, release=("c",)), Op("b", 1.0, memory_bytes=60),
+                           Op("c", 1.0)], [Edge("a", "c", 0)])
+    order = serial_witness(wl, 1, 60)
+    pos = {o: k for k, (o, _) in enumerate(order)}
+    assert not pos["a"] < pos["b"] < pos["c"]
+    assert validate_plan(serial_plan(wl, cluster, comm, order), wl, cluster, comm, 60) == []
+    # b now needs a's output: both allocations overlap in every plan
+    wl.add_edge("a", "b", 0)
+    wl.add_edge("b", "c", 0)
+    assert serial_witness(wl, 1, 119) is None and serial_witness(wl, 1, 120) is not None
+    assert op_that_fits_nowhere(wl, 1, 119) is None and op_that_fits_nowhere(wl, 1, 59) == "a"
+    # two GPUs: a and b go on different ones
+    assert serial_witness(wl, 2, 60) is not None
+
+
+FALSE_CLAIMS: list[str] = []  # InfeasibleErrors for which the exhaustive search found a valid plan
+
+
+# Examples: 150 (measured over seeds 0-9: ~80 % get a plan, ~8 % proved infeasible by the
+# largest-op bound, ~7 % by the exhaustive search, <1 % rejected by assume (search past 20,000
+# states), 1-5 % false infeasibility claims, see below); ~5 s on one core.
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(random_dags(memory="release"), st.integers(0, 150))
-def test_memory_released_by_consumers_is_valid_or_infeasible(case, slack):
+@given(random_dags(memory="release", max_ops=16), st.integers(-30, 150))
+def check_released_memory(case, extra):
     wl, cluster = case
-    cap = max(wl.static_memory_bytes.values(), default=0) + slack
+    comm = CommModel(cluster)
+    biggest = max((op.memory_bytes for op in wl.ops.values()), default=0)
+    cap = max(wl.static_memory_bytes.values(), default=0) + max(0, biggest + extra)
     try:
-        plan = plan_and_check(wl, cluster, cap=cap)
+        plan = plan_and_check(wl, cluster, comm, cap=cap)
     except InfeasibleError as err:
-        assert "no memory for" in str(err) and "bytes over" in str(err)
+        assert "no memory for" in str(err) and "bytes over" in str(err), err
+        if op_that_fits_nowhere(wl, cluster.n_gpus, cap) is not None:
+            event("infeasible: largest-op bound")
+            return
+        try:
+            order = serial_witness(wl, cluster.n_gpus, cap)
+        except SearchTooBig:
+            event("rejected: search too big")
+            assume(False)
+        if order is None:
+            event("infeasible: exhaustive search")
+            return
+        event("false infeasibility claim")
+        witness = serial_plan(wl, cluster, comm, order)
+        assert validate_plan(witness, wl, cluster, comm, cap) == []  # the witness is a real plan
+        FALSE_CLAIMS.append(f"{err} -- yet this order fits under the cap {cap} on {cluster.n_gpus} GPUs: {order}")
         return
+    event("feasible: plan")
     assert max(peak_memory(plan, wl).values(), default=0) <= cap
+    # the search agrees that a plan exists (a check of the checker)
+    try:
+        order = serial_witness(wl, cluster.n_gpus, cap)
+    except SearchTooBig:
+        return
+    assert order is not None
+    assert validate_plan(serial_plan(wl, cluster, comm, order), wl, cluster, comm, cap) == []
+
+
+def test_memory_released_by_consumers_is_valid_or_proved_infeasible():
+    """The cap is the worst static memory plus the largest allocation plus ``extra`` bytes (from
+    30 under to 150 over): most caps are feasible, some not. A plan must be valid under the cap;
+    an InfeasibleError must be true, proved by the largest-op bound or the exhaustive search.
+
+    Known engine bug: the heuristic sometimes reports a feasible cap infeasible (it paints itself
+    into a corner; see test_known_false_infeasibility). Such claims are collected, not raised
+    (raising would make hypothesis shrink them for minutes), and make this test xfail with the
+    first instance; every other failure fails it. Once the bug is fixed the test passes."""
+    FALSE_CLAIMS.clear()
+    check_released_memory()
+    if FALSE_CLAIMS:
+        pytest.xfail(f"known engine bug, {len(FALSE_CLAIMS)} false infeasibility claim(s); first: {FALSE_CLAIMS[0]}")
+
+
+def known_false_infeasibility():
+    """Three GPUs (static 0 / 5 / 5 bytes), cap 94. a and b (60 bytes each) are freed when c
+    ends; e (30) when b ends; f (30, GPUs 1-2 only) when a and b end. A plan exists: a on GPU 0,
+    b on GPU 1, c, then d, e on GPU 0 and f on GPU 1. The heuristic puts f on GPU 1 and e on GPU 2
+    (the pool of room reserved for a and b ignores that both need GPU 0's room), a on GPU 0, and
+    then b fits nowhere."""
+    ops = [Op("a", 1.0, memory_bytes=60, release=("c",)), Op("b", 1.0, memory_bytes=60, release=("c",)),
+           Op("c", 1.0), Op("d", 1.0), Op("e", 19.0, memory_bytes=30, release=("b",)),
+           Op("f", 35.0, devices=(1, 2), memory_bytes=30, release=("b", "a"))]
+    wl = Workload("false-infeasible", ops, [Edge("a", "c", 0), Edge("b", "c", 0), Edge("d", "f", 0)],
+                  {0: 0, 1: 5, 2: 5})
+    return wl, FakeCluster(3), 94
+
+
+def test_known_false_infeasibility_has_a_valid_plan():
+    wl, cluster, cap = known_false_infeasibility()
+    comm = CommModel(cluster)
+    order = serial_witness(wl, 3, cap)
+    assert order is not None
+    assert validate_plan(serial_plan(wl, cluster, comm, order), wl, cluster, comm, cap) == []
+    assert serial_witness(wl, 3, cap - 1) is not None and serial_witness(wl, 3, 59) is None
+
+
+@pytest.mark.xfail(raises=InfeasibleError, strict=True,
+                   reason="engine bug: the heuristic reports a feasible cap infeasible (known_false_infeasibility)")
+def test_known_false_infeasibility():
+    wl, cluster, cap = known_false_infeasibility()
+    plan_and_check(wl, cluster, cap=cap)
 
 
 def test_memory_timeline_earliest_start():

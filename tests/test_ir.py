@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.core.errors import InputError
-from engine.workloads.graphgen import GRAPH_KINDS, generate
 from engine.core.ir import Collective, Edge, Op, Placement, Plan, Transfer, Workload, bubble_us
+from engine.workloads.graphgen import GRAPH_KINDS, generate
 from engine.workloads.pipeline import build_pipeline, graph_from_dict
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from engine.cli import main
 from engine.core.comm import CommModel
 from engine.core.errors import InputError
-from engine.study.loop import refine, update_comm
-from engine.scenario.loader import load_scenario
 from engine.planners.validate import validate_plan
+from engine.scenario.loader import load_scenario
+from engine.study.loop import refine, update_comm
 from engine.study.whatif import apply, combinations, parse_vary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +115,24 @@ def test_update_comm_class_and_edge_factors():
     assert comm.class_scale["nic"] == 2.0 and comm.edge_scale[("a", "b")] == 1.5
     assert comm.delay("a", "b", 0, 1, 1000) == pytest.approx(300.0) and comm.delay("c", "d", 0, 1, 1000) == pytest.approx(100.0)
     assert moved[0] == {"edge": "a->b", "from_us": 100.0, "to_us": pytest.approx(300.0)}
+
+
+def test_update_comm_skips_free_edges_and_reports_the_largest_moves_first():
+    # an edge the model says is free (same GPU or zero bytes: modelled 0 us) carries no ratio;
+    # the moved list is sorted by |change|, largest first, then by name, and cut at ``top``
+    cluster = SimpleNamespace(route_class=lambda a, b: "nic", transfer_time=lambda a, b, n: n / 10.0)
+    sim = SimpleNamespace(edges={
+        "a->b": {"observed_us": 120.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
+        "c->d": {"observed_us": 400.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
+        "e->f": {"observed_us": 50.0, "modelled_us": 0.0, "src_device": 0, "dst_device": 0, "bytes": 0},
+        "g->h": {"observed_us": 200.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000}})
+    comm = CommModel(cluster)
+    moved = update_comm(comm, sim, cluster, 1.0, "edge")
+    assert ("e", "f") not in comm.edge_scale
+    assert [m["edge"] for m in moved] == ["c->d", "g->h", "a->b"]
+    assert [m["to_us"] for m in moved] == [pytest.approx(400.0), pytest.approx(200.0), pytest.approx(120.0)]
+    assert len(update_comm(CommModel(cluster), sim, cluster, 1.0, "edge")) == 3
+    assert [m["edge"] for m in update_comm(CommModel(cluster), sim, cluster, 1.0, "edge", top=1)] == ["c->d"]
 
 
 def test_loop_cli_json(tmp_path):

@@ -4,23 +4,21 @@ against nccl-tests on H100 (shared/data/nccl-tests-h100)."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import simpy
 from click.testing import CliRunner
 
+from engine.calibration.collective_model import CollectiveModel, CollectivePoint
+from engine.calibration.nccl_tests import out_of_place_times
 from engine.cli import main
 from engine.core.ir import Collective, Op, Placement, Plan, Workload
 from hardware_profiles import build_cluster, load_profile, override_profile
-from engine.calibration.collective_model import CollectiveModel, CollectivePoint
-from engine.calibration.nccl_tests import out_of_place_times
 from simulator.collectives import CollectivePlanner, collective_time
 from simulator.network import Network
 from simulator.p2p_channels import connection_cap, nics_per_node, peer_channels, pow2_up
 from simulator.simulate import simulate, simulate_collective
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nccl-tests-h100"
 GIB = 1 << 30
 H100 = load_profile("h100-sxm")
 OFF = load_profile("h100-sxm", overrides={"comm.net_channels_per_nic": 0})
@@ -220,18 +218,14 @@ def test_calibration_model_keeps_the_cap_and_its_nic_efficiency():
 
 # -- against measurement ------------------------------------------------------------------------------
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data/nccl-tests-h100 absent")
-
-
-@needs_data
 @pytest.mark.parametrize("log,nodes,g", [("multi_N10_G1.log", 10, 1), ("multi_N10_G2.log", 10, 2),
                                          ("multi_N10_G4.log", 10, 4),
                                          ("pair_N2_G1_cnode3-002_cnode3-003.log", 2, 1),
                                          ("pair_N2_G8_cnode3-002_cnode3-003.log", 2, 8)])
-def test_sendrecv_within_20_percent_of_nccl_tests(log, nodes, g):
+def test_sendrecv_within_20_percent_of_nccl_tests(data_dir, log, nodes, g):
     cl_capped, cl_off = build_cluster(H100, nodes), build_cluster(OFF, nodes)
     errs, errs_off = [], []
-    for size, t in out_of_place_times(DATA / log)["send_recv"]:
+    for size, t in out_of_place_times(data_dir / "nccl-tests-h100" / log)["send_recv"]:
         if size >= 0.99 * (256 << 20):
             errs.append((collective_time(cl_capped, "send_recv", size, ranks(nodes, g)) - t) / t)
             errs_off.append((collective_time(cl_off, "send_recv", size, ranks(nodes, g)) - t) / t)

@@ -17,8 +17,15 @@ from hypothesis import strategies as st
 
 from engine.core.comm import CommModel
 from engine.core.errors import InputError, write_atomic
-from hardware_profiles import (FIELDS, PACKAGE_DIR, build_cluster, ecmp_index, list_profiles, load_profile,
-                               override_profile)
+from hardware_profiles import (
+    FIELDS,
+    PACKAGE_DIR,
+    build_cluster,
+    ecmp_index,
+    list_profiles,
+    load_profile,
+    override_profile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_FILE = PACKAGE_DIR / "h100-sxm.yaml"

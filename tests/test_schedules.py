@@ -9,6 +9,7 @@ makespan - max compute-busy time (engine.core.ir.bubble_us).
 import math
 
 import pytest
+from fakes import FakeCluster
 
 from engine.core.comm import CommModel
 from engine.core.errors import InfeasibleError, InputError
@@ -18,7 +19,6 @@ from engine.planners.schedules.actions import round_robin_stage_devices, v_stage
 from engine.planners.schedules.timing import ScheduleError
 from engine.planners.validate import compact, peak_memory, validate_plan
 from engine.workloads.pipeline import build_pipeline
-from fakes import FakeCluster
 
 CLUSTER = FakeCluster(16)
 COMM = CommModel(CLUSTER)

@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 from engine.core.comm import CommModel
 from engine.core.errors import InputError
-from engine.workloads.graphgen import generate
-from engine.planners.heuristic import plan_heuristic
 from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
+from engine.planners.heuristic import plan_heuristic
 from engine.planners.validate import compact, peak_memory, validate_plan
+from engine.workloads.graphgen import generate
 from engine.workloads.pipeline import build_pipeline, graph_from_dict
 from hardware_profiles import build_cluster, load_profile
 from simulator.gpu import SimulationOOM

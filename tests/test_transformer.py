@@ -9,12 +9,24 @@ import pytest
 from engine.core.comm import CommModel
 from engine.core.errors import InputError
 from engine.core.ir import Collective
-from engine.scenario.loader import load_scenario, scenario_from_dict
-from engine.workloads.transformer import (build_transformer, gpu_of, rank_params, spec_from_dict, stage_times,
-                                step_end_times)
-from engine.workloads.transformer_costs import (RECOMPUTE, ComputeModel, activation_bytes_per_layer, layer_params,
-                                      stage_cost, total_params)
 from engine.planners.validate import validate_plan
+from engine.scenario.loader import load_scenario, scenario_from_dict
+from engine.workloads.transformer import (
+    build_transformer,
+    gpu_of,
+    rank_params,
+    spec_from_dict,
+    stage_times,
+    step_end_times,
+)
+from engine.workloads.transformer_costs import (
+    RECOMPUTE,
+    ComputeModel,
+    activation_bytes_per_layer,
+    layer_params,
+    stage_cost,
+    total_params,
+)
 from hardware_profiles import build_cluster, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,8 +305,7 @@ def test_shipped_scenario_plans_validates_and_simulates():
 
 
 def test_megatron_order_matches_the_closed_form_and_validates():
-    from engine.planners.pipeline_time import (iteration_time_1f1b, one_f_one_b_order, semi_active_plan,
-                                                     send_time_us)
+    from engine.planners.pipeline_time import iteration_time_1f1b, one_f_one_b_order, semi_active_plan, send_time_us
 
     comm = CommModel(H100)
     for par, gb in (({"pp": 4, "dp": 2}, 16), ({"pp": 2}, 16), ({"tp": 2, "pp": 2, "dp": 2}, 16)):
