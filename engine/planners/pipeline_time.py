@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Workload
+from engine.core.timing import OrderCycle, earliest_times
 from engine.planners.schedules.gpipe_1f1b import one_f_one_b_sequence
 from engine.workloads.transformer import StageTimes, StepEnd, TransformerSpec, gpu_of
 
@@ -99,44 +100,30 @@ def semi_active_plan(workload: Workload, order: dict[int, list[str]], cluster: A
     occupies (a collective: the comm stream of every GPU of its group) has ended and its inputs
     have arrived (``comm.delay``)."""
     ops = workload.ops
-    graph = workload.graph
-    model = cluster.gpu_model
-    preds: dict[str, list[tuple[str, int]]] = {o: [(u, graph.edges[u, o]["bytes"]) for u in graph.predecessors(o)]
-                                               for o in ops}
+    ids = sorted(ops)
+    index = {o: k for k, o in enumerate(ids)}
+    dur = [ops[o].duration_on(cluster.gpu_model) for o in ids]
+    device = {o: dev for dev, seq in order.items() for o in seq}
+    arcs = [(index[u], index[v], dur[index[u]] + comm.delay(u, v, device[u], device[v], nbytes))
+            for u, v, nbytes in workload.graph.edges(data="bytes")]
     # a collective joins the comm stream of every GPU of its group where its lead GPU has it:
     # members of a group run the same sequence, so the lead's position is theirs
     chains: dict[tuple[int, str], list[tuple[int, int, str]]] = {}
-    for dev, ids in order.items():
-        for i, o in enumerate(ids):
+    for dev, seq in order.items():
+        for i, o in enumerate(seq):
             op = ops[o]
             late = 1 if op.phase in STEP_END_PHASES else 0
             for g in (op.collective.group if op.collective is not None else (dev,)):
                 chains.setdefault((g, op.kind), []).append((late, i, o))
-    for seq in chains.values():
-        seq.sort()
-        for (_, _, a), (_, _, b) in zip(seq, seq[1:]):
-            preds[b].append((a, -1))
-    device = {o: dev for dev, ids in order.items() for o in ids}
-    start: dict[str, float] = {}
-    end: dict[str, float] = {}
-    pending = {o: len(ps) for o, ps in preds.items()}
-    succ: dict[str, list[str]] = {o: [] for o in ops}
-    for v, ps in preds.items():
-        for u, _ in ps:
-            succ[u].append(v)
-    ready = sorted(o for o, k in pending.items() if k == 0)
-    while ready:
-        v = ready.pop()
-        t = 0.0
-        for u, nbytes in preds[v]:
-            t = max(t, end[u] if nbytes < 0 else end[u] + comm.delay(u, v, device[u], device[v], nbytes))
-        start[v], end[v] = t, t + ops[v].duration_on(model)
-        for w in succ[v]:
-            pending[w] -= 1
-            if pending[w] == 0:
-                ready.append(w)
-    if len(start) < len(ops):
-        raise InputError(None, "order", "the order waits on itself (deadlock)")
+    for chain in chains.values():
+        chain.sort()
+        arcs += [(index[a], index[b], dur[index[a]]) for (_, _, a), (_, _, b) in zip(chain, chain[1:])]
+    try:
+        times = earliest_times(len(ids), arcs)
+    except OrderCycle:
+        raise InputError(None, "order", "the order waits on itself (deadlock)") from None
+    start = {o: times[k] for k, o in enumerate(ids)}
+    end = {o: times[k] + dur[k] for k, o in enumerate(ids)}
     placements = {o: Placement(device[o], start[o], end[o]) for o in sorted(ops)}
     return Plan(workload.name, placements, planner, status="schedule", order={d: list(v) for d, v in sorted(order.items())})
 

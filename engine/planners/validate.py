@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import deque
 from typing import Any, Callable, Mapping
 
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Transfer, Workload, stream_sequences
 from engine.core.memory import memory_caps
+from engine.core.timing import OrderCycle, earliest_times
 
 REL_TOL = 1e-6
 
@@ -270,36 +270,19 @@ def compact(plan: Plan, workload: Workload, comm: Any) -> Plan:
         extra, missing = sorted(set(pl) - set(ops)), sorted(set(ops) - set(pl))
         raise InputError(None, "placements", f"cannot compact: unknown ops {extra[:3]}, unplaced ops {missing[:3]}")
     chains = _stream_chains(plan, ops)
-    dur = {o: p.end - p.start for o, p in pl.items()}
-    preds: dict[str, list[tuple[str, int]]] = {o: [] for o in ops}  # (pred, bytes or -1 for stream order)
-    for u, v, nbytes in workload.graph.edges(data="bytes"):
-        preds[v].append((u, nbytes))
-    for seq in chains.values():
-        for a, b in zip(seq, seq[1:]):
-            preds[b].append((a, -1))
-    succ: dict[str, list[str]] = {o: [] for o in ops}
-    indeg = {o: len(ps) for o, ps in preds.items()}
-    for v, ps in preds.items():
-        for u, _ in ps:
-            succ[u].append(v)
-    queue = deque(sorted(o for o, k in indeg.items() if k == 0))
-    start: dict[str, float] = {}
-    end: dict[str, float] = {}
-    while queue:
-        v = queue.popleft()
-        dv = pl[v].device
-        t = 0.0
-        for u, nbytes in preds[v]:
-            arrive = end[u] if nbytes < 0 else end[u] + comm.delay(u, v, pl[u].device, dv, nbytes)
-            t = max(t, arrive)
-        start[v], end[v] = t, t + dur[v]
-        for w in succ[v]:
-            indeg[w] -= 1
-            if indeg[w] == 0:
-                queue.append(w)
-    if len(start) < len(ops):
-        stuck = sorted(o for o in ops if o not in start)[:5]
-        raise InputError(None, "order", f"the per-stream order contradicts the dependencies (a cycle through {stuck})")
+    ids = sorted(ops)
+    index = {o: k for k, o in enumerate(ids)}
+    dur = [pl[o].end - pl[o].start for o in ids]
+    arcs = [(index[u], index[v], dur[index[u]] + comm.delay(u, v, pl[u].device, pl[v].device, nbytes))
+            for u, v, nbytes in workload.graph.edges(data="bytes")]
+    arcs += [(index[a], index[b], dur[index[a]]) for seq in chains.values() for a, b in zip(seq, seq[1:])]
+    try:
+        times = earliest_times(len(ids), arcs)
+    except OrderCycle as cycle:
+        stuck = [ids[k] for k in cycle.stuck][:5]
+        raise InputError(None, "order", f"the per-stream order contradicts the dependencies (a cycle through {stuck})") from None
+    start = {o: times[k] for k, o in enumerate(ids)}
+    end = {o: times[k] + dur[k] for k, o in enumerate(ids)}
     placements = {o: Placement(pl[o].device, start[o], end[o]) for o in sorted(ops)}
     makespan = max(end.values(), default=0.0)
     gap = plan.mip_gap

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.core.ir import Transfer, topological_indices
+from engine.core.ir import Transfer
+from engine.core.timing import OrderCycle, earliest_times
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.nic_tasks import Arc, Link, NicTasks
 from engine.planners.mip.symmetry import _tag, twin_groups
@@ -77,14 +78,9 @@ def nic_semi_active(inst: Instance, nic: NicTasks, sched: Schedule, keep_frees: 
         for r, o in free_arcs(inst, dev, start):
             succ[r].append((o, dur[r]))
     try:
-        order = topological_indices(len(succ), [(u, v) for u in range(len(succ)) for v, _ in succ[u]])
-    except ValueError:
+        time = earliest_times(len(succ), [(u, v, w) for u in range(len(succ)) for v, w in succ[u]])
+    except OrderCycle:
         return None
-    time = [0.0] * len(succ)
-    for u in order:
-        for v, w in succ[u]:
-            if time[u] + w > time[v]:
-                time[v] = time[u] + w
     return NicSchedule(dev, time[:n], {t: time[node[t]] for t in tasks})
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Sequence
 
+from engine.core.timing import earliest_times
 from engine.planners.mip.instance import Instance
 
 Schedule = tuple[list[int], list[float]]
@@ -202,26 +203,19 @@ def semi_active(inst: Instance, dev: list[int], start: list[float], keep_frees: 
     With ``keep_frees``, an allocating op also waits for the release ops that had freed memory
     before it started (they may run on other GPUs, which plain compaction ignores)."""
     n = len(inst)
-    extra: list[list[int]] = [[] for _ in range(n)]
-    if keep_frees:
-        for r, o in free_arcs(inst, dev, start):
-            extra[o].append(r)
+    dur = [inst.dur[i][dev[i]] for i in range(n)]
+    preds = inst.preds()
+    arcs = [(k, i, dur[k] + inst.delay(k, i, dev[k], dev[i])) for i in range(n) for k in preds[i]]
     rank = {i: k for k, i in enumerate(inst.topo())}
-    order = sorted(range(n), key=lambda i: (start[i], start[i] + inst.dur[i][dev[i]], rank[i]))
-    pos = {i: k for k, i in enumerate(order)}
     last: dict[tuple[int, str], int] = {}
-    stream_pred: list[list[int]] = [[] for _ in range(n)]
-    for i in order:
+    for i in sorted(range(n), key=lambda i: (start[i], start[i] + dur[i], rank[i])):
         for res in inst.resources(i, dev[i]):
             if res in last:
-                stream_pred[i].append(last[res])
+                arcs.append((last[res], i, dur[last[res]]))
             last[res] = i
-    new_start, end = [0.0] * n, [0.0] * n
-    preds = inst.preds()
-    for i in sorted(range(n), key=lambda i: pos[i]):
-        s = max([end[k] + inst.delay(k, i, dev[k], dev[i]) for k in preds[i]] +
-                [end[k] for k in stream_pred[i]] + [end[k] for k in extra[i]] + [0.0])
-        new_start[i], end[i] = s, s + inst.dur[i][dev[i]]
+    if keep_frees:
+        arcs += [(r, o, dur[r]) for r, o in free_arcs(inst, dev, start)]
+    new_start = earliest_times(n, arcs)
     return dev, new_start
 
 

@@ -16,9 +16,8 @@ time that starts when the inputs of both halves have arrived. Times in us.
 
 from __future__ import annotations
 
-from collections import deque
-
 from engine.core.ir import Placement, Plan, Workload
+from engine.core.timing import OrderCycle, earliest_times
 from engine.planners.schedules.actions import PipelineShape, Schedule
 from engine.planners.validate import make_transfers
 
@@ -57,50 +56,35 @@ def step_ops(schedule: Schedule, workload: Workload, has_w: bool) -> RankSteps:
 
 
 def time_steps(name: str, ranks: RankSteps, workload: Workload, comm, gpu_model: str | None = None) -> dict[str, Placement]:
-    """Semi-active placements (device, start, end in us) of every op of ``ranks``' steps."""
+    """Semi-active placements (device, start, end in us) of every op of ``ranks``' steps.
+
+    Arcs for :func:`engine.core.timing.earliest_times`: the ops of a GPU back to back in step
+    order, and every input of a step's ops (from outside the step) into the step's first op, so
+    the whole step waits for all of them."""
     graph = workload.graph
-    dur = {o: graph.nodes[o]["op"].duration_on(gpu_model) for o in graph.nodes}
-    placed: dict[str, Placement] = {}
-    free_at = {gpu: 0.0 for gpu in ranks}
-    pos = {gpu: 0 for gpu in ranks}
-    waiting: dict[str, list[int]] = {}
-    queue = deque(sorted(ranks))
-    while queue:
-        gpu = queue.popleft()
-        steps = ranks[gpu]
-        while pos[gpu] < len(steps):
-            ids = steps[pos[gpu]][1]
-            start, blocked = _earliest_start(ids, gpu, free_at[gpu], graph, placed, comm)
-            if blocked is not None:
-                waiting.setdefault(blocked, []).append(gpu)
-                break
-            t = start
-            for o in ids:
-                placed[o] = Placement(gpu, t, t + dur[o])
-                t += dur[o]
-            for o in ids:
-                queue.extend(waiting.pop(o, ()))
-            free_at[gpu] = t
-            pos[gpu] += 1
-    stuck = {gpu: ranks[gpu][pos[gpu]][0] for gpu in ranks if pos[gpu] < len(ranks[gpu])}
-    if stuck:
-        raise ScheduleError(f"{name}: the order deadlocks; GPUs wait at {stuck}")
-    return placed
-
-
-def _earliest_start(ids: list[str], gpu: int, free: float, graph, placed, comm) -> tuple[float, str | None]:
-    """(start time, None) of a step whose inputs are all placed, else (nan, an unplaced input)."""
-    inside = set(ids)
-    start = free
-    for o in ids:
-        for u in graph.predecessors(o):
-            if u in inside:
-                continue
-            pu = placed.get(u)
-            if pu is None:
-                return float("nan"), u
-            start = max(start, pu.end + comm.delay(u, o, pu.device, gpu, graph.edges[u, o]["bytes"]))
-    return start, None
+    ids = [o for gpu in sorted(ranks) for _, step in ranks[gpu] for o in step]
+    index = {o: k for k, o in enumerate(ids)}
+    device = {o: gpu for gpu in ranks for _, step in ranks[gpu] for o in step}
+    dur = [graph.nodes[o]["op"].duration_on(gpu_model) for o in ids]
+    arcs: list[tuple[int, int, float]] = []
+    for gpu in sorted(ranks):
+        seq = [o for _, step in ranks[gpu] for o in step]
+        arcs += [(index[a], index[b], dur[index[a]]) for a, b in zip(seq, seq[1:])]
+        for _, step in ranks[gpu]:
+            inside = set(step)
+            for o in step:
+                for u in graph.predecessors(o):
+                    if u not in inside:
+                        lag = dur[index[u]] + comm.delay(u, o, device[u], gpu, graph.edges[u, o]["bytes"])
+                        arcs.append((index[u], index[step[0]], lag))
+    try:
+        times = earliest_times(len(ids), arcs)
+    except OrderCycle as cycle:
+        blocked = {ids[k] for k in cycle.stuck}
+        stuck = {gpu: next(label for label, step in ranks[gpu] if blocked & set(step))
+                 for gpu in sorted(ranks) if any(blocked & set(step) for _, step in ranks[gpu])}
+        raise ScheduleError(f"{name}: the order deadlocks; GPUs wait at {stuck}") from None
+    return {o: Placement(device[o], times[k], times[k] + dur[k]) for k, o in enumerate(ids)}
 
 
 def plan_from_steps(name: str, ranks: RankSteps, workload: Workload, comm, gpu_model: str | None = None,
