@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Callable, Mapping
 
 from engine.core.errors import InputError
+from engine.core.memory import memory_events
 
 
 class SimulationOOM(InputError):
@@ -103,11 +104,7 @@ def memory_profile(devices, placed: Mapping[int, list[tuple[str, int, float, flo
     series: dict[int, list[tuple[float, int]]] = {}
     for d in devices:
         base = int(static.get(d, 0))
-        steps = []
-        for op, b, t0, t1 in placed.get(d, ()):
-            steps.append((t0, 1, op, b))
-            steps.append((t1, 0, op, -b))
-        steps.sort(key=lambda s: (s[0], s[1], s[2]))
+        steps = memory_events(placed.get(d, ()))
         live = best = base
         cap = int(caps[d])
         tl = [(0.0, base)] if timeline else []

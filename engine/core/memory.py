@@ -15,9 +15,37 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Iterable, TypeVar
+
+K = TypeVar("K", str, int)
 
 INF = math.inf
+
+
+def memory_events(allocations: Iterable[tuple[K, int, float, float]],
+                  rel_tol: float = 0.0) -> list[tuple[float, int, K, int]]:
+    """One GPU's memory events in the order they happen, from its allocations ``(op, bytes,
+    allocated at, freed at)`` (us): ``(time, 1, op, +bytes)`` and ``(time, 0, op, -bytes)``.
+
+    The one residency rule: bytes are resident from the allocation until the free, and a free
+    sorts before an allocation at the same instant (or within ``rel_tol * max(1, |t|)`` us of
+    it), so memory freed at ``t`` can be reused at ``t``. Ties then go by op."""
+    keyed = []
+    for op, nbytes, t0, t1 in allocations:
+        keyed.append((t0, 1, op, nbytes, t0))
+        keyed.append((t1 - rel_tol * max(1.0, abs(t1)), 0, op, -nbytes, t1))
+    keyed.sort()
+    return [(t, kind, op, delta) for _, kind, op, delta, t in keyed]
+
+
+def peak_resident(static: int, events: Iterable[tuple[float, int, Any, int]]) -> int:
+    """The most bytes resident at once: ``static`` plus the live allocations of ``events``."""
+    live = peak = static
+    for _, _, _, delta in events:
+        live += delta
+        if live > peak:
+            peak = live
+    return peak
 
 
 def memory_caps(workload: Any, cluster: Any, memory_cap: int | None = None) -> list[int]:

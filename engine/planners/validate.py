@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Transfer, Workload, stream_sequences
-from engine.core.memory import memory_caps
+from engine.core.memory import memory_caps, memory_events, peak_resident
 from engine.core.timing import OrderCycle, earliest_times
 
 REL_TOL = 1e-6
@@ -58,40 +58,25 @@ def free_time(op, placements: Mapping[str, Placement]) -> float:
     return end
 
 
-def _memory_events(placements: Mapping[str, Placement], workload: Workload) -> dict[int, list[tuple[float, int, str, int, float]]]:
-    """Per GPU, allocation events sorted as they happen: (sort key, 0 free / 1 alloc, op, bytes, time).
-
-    A free within the tolerance of an allocation's time sorts before it.
-    """
-    events: dict[int, list[tuple[float, int, str, int, float]]] = {}
+def _memory_events(placements: Mapping[str, Placement], workload: Workload) -> dict[int, list[tuple[float, int, str, int]]]:
+    """Per GPU, its memory events (:func:`engine.core.memory.memory_events`: (time, 0 free / 1
+    alloc, op, bytes)); a free within the validator's tolerance of an allocation sorts before it."""
+    allocations: dict[int, list[tuple[str, int, float, float]]] = {}
     graph = workload.graph
     for op_id, p in placements.items():
         if op_id not in graph:
             continue
         op = graph.nodes[op_id]["op"]
-        if op.memory_bytes <= 0:
-            continue
-        f = free_time(op, placements)
-        ev = events.setdefault(p.device, [])
-        ev.append((p.start, 1, op_id, op.memory_bytes, p.start))
-        ev.append((f - _tol(f), 0, op_id, -op.memory_bytes, f))
-    for ev in events.values():
-        ev.sort()
-    return events
+        if op.memory_bytes > 0:
+            allocations.setdefault(p.device, []).append((op_id, op.memory_bytes, p.start, free_time(op, placements)))
+    return {d: memory_events(allocs, REL_TOL) for d, allocs in allocations.items()}
 
 
 def peak_memory(plan: Plan, workload: Workload) -> dict[int, int]:
     """Per GPU, the most bytes resident at once: static + live allocations."""
     events = _memory_events(plan.placements, workload)
     devices = sorted(set(events) | set(workload.static_memory_bytes) | {p.device for p in plan.placements.values()})
-    peak = {}
-    for d in devices:
-        live = peak_d = workload.static_memory_bytes.get(d, 0)
-        for _, _, _, delta, _ in events.get(d, ()):
-            live += delta
-            peak_d = max(peak_d, live)
-        peak[d] = peak_d
-    return peak
+    return {d: peak_resident(workload.static_memory_bytes.get(d, 0), events.get(d, ())) for d in devices}
 
 
 def make_transfers(placements: Mapping[str, Placement], workload: Workload,
@@ -234,7 +219,7 @@ def _check_memory(plan: Plan, workload: Workload, caps: list[int], usable: set[s
             continue
         live, first, more = static, None, 0
         live_ops: dict[str, int] = {}
-        for _, kind, op_id, delta, t in events.get(d, ()):
+        for t, kind, op_id, delta in events.get(d, ()):
             live += delta
             if kind == 0:
                 live_ops.pop(op_id, None)

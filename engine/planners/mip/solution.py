@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.core.errors import InfeasibleError, InputError
+from engine.core.memory import peak_resident
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
 from engine.planners.mip.nic_sched import nic_compact, twins_consistent
@@ -25,7 +26,7 @@ from engine.planners.mip.symmetry import (
     restrict_devices,
     twin_arcs,
 )
-from engine.planners.mip.warm import Schedule, compact_safe, makespan, memory_ok
+from engine.planners.mip.warm import Schedule, compact_safe, makespan, memory_ok, resident_events
 
 GIB = 1 << 30
 Progress = Callable[[float, float | None, float | None], None]
@@ -156,13 +157,7 @@ def integral(inst: Instance) -> bool:
 
 def peak_at_starts(inst: Instance, sched: Schedule) -> dict[int, int]:
     """Per GPU, the most bytes resident at any op start."""
-    dev, start = sched
-    end = [start[i] + inst.dur[i][dev[i]] for i in range(len(inst))]
     out = dict(inst.static)
-    allocs = [a for a in range(len(inst)) if inst.alloc[a] > 0]
-    for o in allocs:
-        t, d = start[o], dev[o]
-        live = sum(inst.alloc[a] for a in allocs if dev[a] == d and start[a] <= t + 1e-9
-                   and max(end[r] for r in inst.releasers(a)) > t + 1e-9)
-        out[d] = max(out[d], inst.static[d] + live)
+    for d, events in resident_events(inst, sched).items():
+        out[d] = peak_resident(inst.static[d], events)
     return out

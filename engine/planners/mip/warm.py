@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Sequence
 
+from engine.core.memory import memory_events
 from engine.core.timing import earliest_times
 from engine.planners.mip.instance import Instance
 
@@ -234,21 +235,27 @@ def makespan(inst: Instance, sched: Schedule) -> float:
     return max((start[i] + inst.dur[i][dev[i]] for i in range(len(inst))), default=0.0)
 
 
+def resident_events(inst: Instance, sched: Schedule) -> dict[int, list[tuple[float, int, int, int]]]:
+    """Per GPU, the memory events of ``sched`` (:func:`engine.core.memory.memory_events`): an
+    allocation lives from its op's start until the last of its releasers ends; frees within
+    1e-9 (relative) of an instant come before the allocations at it."""
+    dev, start = sched
+    end = [start[i] + inst.dur[i][dev[i]] for i in range(len(inst))]
+    allocations: dict[int, list[tuple[int, int, float, float]]] = {}
+    for a in range(len(inst)):
+        if inst.alloc[a] > 0:
+            free = max(end[r] for r in inst.releasers(a))
+            allocations.setdefault(dev[a], []).append((a, inst.alloc[a], start[a], free))
+    return {d: memory_events(allocs, 1e-9) for d, allocs in allocations.items()}
+
+
 def memory_ok(inst: Instance, sched: Schedule) -> bool:
     """Resident bytes at every op start (frees at the same instant first) fit the cap."""
-    dev, start = sched
-    n = len(inst)
-    end = [start[i] + inst.dur[i][dev[i]] for i in range(n)]
-    by_dev: dict[int, list[int]] = {}
-    for a in range(n):
-        if inst.alloc[a] > 0:
-            by_dev.setdefault(dev[a], []).append(a)
-    for d, allocs in by_dev.items():
-        free = {a: max(end[r] for r in inst.releasers(a)) for a in allocs}
-        for o in allocs:
-            t = start[o]
-            live = sum(inst.alloc[a] for a in allocs if start[a] <= t + 1e-9 and free[a] > t + 1e-9)
-            if inst.static[d] + live > inst.cap[d]:
+    for d, events in resident_events(inst, sched).items():
+        live = inst.static[d]
+        for _, kind, _, delta in events:
+            live += delta
+            if kind == 1 and live > inst.cap[d]:
                 return False
     return True
 
