@@ -11,7 +11,7 @@ import click
 from engine.cli.common import emit_json, human_bytes, table
 from engine.core.errors import InputError, write_atomic
 from engine.core.ir import Plan
-from engine.planners.registry import plan_scenario
+from engine.planners.registry import default_simulation_planner, plan_scenario
 from engine.scenario.loader import load_scenario
 from engine.scenario.simulation import simulate_scenario
 from hardware_profiles import build_cluster, load_profile
@@ -47,7 +47,7 @@ def _load_plan(path: Path) -> Plan:
 @click.command("simulate")
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Plan JSON to simulate (default: plan the scenario with the heuristic first).")
+              help="Plan JSON to simulate (default: a transformer workload's parallelism.schedule, else the heuristic's plan).")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a Chrome-trace JSON (Perfetto) here.")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -64,7 +64,7 @@ def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, 
     if plan_path is not None:
         plan = _load_plan(plan_path)
     else:
-        plan = plan_scenario(sc, "heuristic")
+        plan = plan_scenario(sc, default_simulation_planner(sc))
     try:
         result = simulate_scenario(sc, plan, seed=seed, timeline=trace_path is not None, jitter=jitter, mode=mode,
                                    allow_oom=allow_oom, symmetry=False if no_symmetry else None)

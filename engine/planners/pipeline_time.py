@@ -27,7 +27,7 @@ from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Workload
 from engine.core.timing import OrderCycle, earliest_times
 from engine.planners.schedules.gpipe_1f1b import one_f_one_b_sequence
-from engine.workloads.transformer import StageTimes, StepEnd, TransformerSpec, gpu_of
+from engine.workloads.transformer import StageTimes, StepEnd, TransformerSpec, gpu_of, spec_from_dict
 
 STEP_END_PHASES = ("DP", "EMB", "OPT", "AG")
 
@@ -126,6 +126,19 @@ def semi_active_plan(workload: Workload, order: dict[int, list[str]], cluster: A
     end = {o: times[k] + dur[k] for k, o in enumerate(ids)}
     placements = {o: Placement(device[o], start[o], end[o]) for o in sorted(ops)}
     return Plan(workload.name, placements, planner, status="schedule", order={d: list(v) for d, v in sorted(order.items())})
+
+
+def transformer_schedule_plan(scenario: Any, name: str) -> Plan:
+    """The plan of ``scenario``'s transformer workload in the pipeline schedule ``name``
+    (``parallelism.schedule``): Megatron's 1F1B order, semi-active. Other schedules are refused
+    in one line: their transformer orders are not built yet."""
+    if name != "1f1b":
+        raise InputError(scenario.path, "workload.parallelism.schedule",
+                         f"schedule {name} is not built for transformer workloads yet (1f1b is); "
+                         "plan with --planner heuristic or mip instead")
+    workload = scenario.workload
+    order = one_f_one_b_order(spec_from_dict(scenario.raw["workload"]), workload)
+    return semi_active_plan(workload, order, scenario.cluster, scenario.comm, planner=f"schedule:{name}")
 
 
 def send_time_us(spec: TransformerSpec, cluster: Any, comm: Any, send_bytes: int) -> float:

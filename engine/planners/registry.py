@@ -14,6 +14,7 @@ from engine.core.ir import Plan
 from engine.core.options import SolverOptions
 from engine.planners.heuristic import plan_heuristic
 from engine.planners.mip.plan import plan_mip_scenario
+from engine.planners.pipeline_time import transformer_schedule_plan
 from engine.planners.schedules.library import schedule_planner
 from engine.planners.validate import validate_plan
 
@@ -31,6 +32,8 @@ def _heuristic(scenario, options: SolverOptions, warm: Plan | None, progress: Pr
 
 
 def _schedule(scenario, options: SolverOptions, warm: Plan | None, progress: Progress | None) -> Plan:
+    if (scenario.workload.meta or {}).get("kind") == "transformer":
+        return transformer_schedule_plan(scenario, options.planner.split(":", 1)[1])
     return schedule_planner(scenario, options)
 
 
@@ -45,6 +48,15 @@ PLANNERS: dict[str, Planner] = {
     "schedule:": _schedule,
     "mip": _mip,
 }
+
+
+def default_simulation_planner(scenario) -> str:
+    """What ``plansim simulate`` plans with when no plan is given: a transformer workload's named
+    schedule (``parallelism.schedule``), else the heuristic."""
+    meta = scenario.workload.meta or {}
+    if meta.get("kind") == "transformer":
+        return f"schedule:{meta['parallelism']['schedule']}"
+    return "heuristic"
 
 
 def planner_names() -> list[str]:
