@@ -30,7 +30,7 @@ class SimResult:
     op_times: dict[str, tuple[int, float, float]]
     devices: dict[int, dict[str, Any]]
     links: dict[str, dict[str, Any]]
-    edges: dict[str, dict[str, Any]]
+    edges: dict[tuple[str, str], dict[str, Any]]  # (src op, dst op) -> observed and modelled delay (us)
     oom_events: list[dict[str, Any]]
     events: int
     sim_wall_s: float
@@ -62,14 +62,6 @@ class SimResult:
     def events_per_s(self) -> float:
         """Events processed per second of the event loop's wall time (setup not counted)."""
         return self.events / self.loop_wall_s if self.loop_wall_s > 0 else 0.0
-
-    def observed_delays(self) -> dict[tuple[str, str], float]:
-        """``{(src, dst): observed delay us}`` for edges that move bytes between GPUs (for the loop)."""
-        out = {}
-        for key, e in self.edges.items():
-            s, _, d = key.partition("->")
-            out[(s, d)] = e["observed_us"]
-        return out
 
     def top_links(self, n: int = 10) -> list[dict[str, Any]]:
         """The ``n`` most utilised links (ties by name)."""
@@ -108,7 +100,7 @@ class SimResult:
             "ops": {o: {"device": t[0], "start_us": t[1], "end_us": t[2]} for o, t in sorted(self.op_times.items())},
             "devices": {str(k): v for k, v in sorted(self.devices.items())},
             "links": dict(sorted(self.links.items())),
-            "edges": dict(sorted(self.edges.items())),
+            "edges": {f"{u}->{v}": e for (u, v), e in sorted(self.edges.items())},
             "oom": self.oom,
             "oom_events": self.oom_events,
             "events": self.events,
@@ -165,11 +157,11 @@ def build_result(plan, workload, cluster, *, ops, mode, seed, jitter, op_times, 
                        "peak_flows": network.peak_subflows[i]}
         if network.timeline is not None and network.timeline[i]:
             series[name] = list(network.timeline[i])
-    edges: dict[str, dict[str, Any]] = {}
+    edges: dict[tuple[str, str], dict[str, Any]] = {}
     for (u, v), t in sorted(arrivals.items()):
         du, dv = op_times[u][0], op_times[v][0]
         nbytes = workload.graph.edges[u, v]["bytes"]
-        edges[f"{u}->{v}"] = {"observed_us": t - op_times[u][2], "modelled_us": cluster.transfer_time(du, dv, nbytes),
+        edges[(u, v)] = {"observed_us": t - op_times[u][2], "modelled_us": cluster.transfer_time(du, dv, nbytes),
                               "bytes": nbytes, "src_device": du, "dst_device": dv}
     return SimResult(makespan_us=makespan, predicted_makespan_us=plan.makespan_us, mode=mode, seed=seed,
                      jitter=float(jitter), op_times=op_times, devices=dict(sorted(devices.items())), links=links,

@@ -102,8 +102,8 @@ def test_converged_tie_returns_the_plan_whose_prediction_holds():
 def test_update_comm_class_and_edge_factors():
     cluster = SimpleNamespace(route_class=lambda a, b: "nic", transfer_time=lambda a, b, n: n / 10.0)
     sim = SimpleNamespace(edges={
-        "a->b": {"observed_us": 300.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
-        "c->d": {"observed_us": 100.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000}})
+        ("a", "b"): {"observed_us": 300.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
+        ("c", "d"): {"observed_us": 100.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000}})
     comm = CommModel(cluster)
     update_comm(comm, sim, cluster, 1.0, "class")
     assert comm.class_scale == {"nic": 2.0} and comm.edge_scale == {}
@@ -122,10 +122,10 @@ def test_update_comm_skips_free_edges_and_reports_the_largest_moves_first():
     # the moved list is sorted by |change|, largest first, then by name, and cut at ``top``
     cluster = SimpleNamespace(route_class=lambda a, b: "nic", transfer_time=lambda a, b, n: n / 10.0)
     sim = SimpleNamespace(edges={
-        "a->b": {"observed_us": 120.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
-        "c->d": {"observed_us": 400.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
-        "e->f": {"observed_us": 50.0, "modelled_us": 0.0, "src_device": 0, "dst_device": 0, "bytes": 0},
-        "g->h": {"observed_us": 200.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000}})
+        ("a", "b"): {"observed_us": 120.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
+        ("c", "d"): {"observed_us": 400.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000},
+        ("e", "f"): {"observed_us": 50.0, "modelled_us": 0.0, "src_device": 0, "dst_device": 0, "bytes": 0},
+        ("g", "h"): {"observed_us": 200.0, "modelled_us": 100.0, "src_device": 0, "dst_device": 1, "bytes": 1000}})
     comm = CommModel(cluster)
     moved = update_comm(comm, sim, cluster, 1.0, "edge")
     assert ("e", "f") not in comm.edge_scale

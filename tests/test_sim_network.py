@@ -63,7 +63,7 @@ def test_two_flows_through_one_nic_each_get_half_its_bandwidth():
     nbytes = 1 << 30
     alone = simulate_transfers(cl, [(0, 8)], nbytes)
     both = simulate_transfers(cl, [(0, 8), (1, 9)], nbytes)
-    t_alone = alone.edges["s0->d0"]["observed_us"]
+    t_alone = alone.edges[("s0", "d0")]["observed_us"]
     assert t_alone == pytest.approx(cl.transfer_time(0, 8, nbytes), rel=1e-12)
     latency = t_alone - nbytes / nic
     for e in both.edges.values():

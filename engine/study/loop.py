@@ -151,10 +151,9 @@ def update_comm(comm: CommModel, sim, cluster, damping: float, mode: str, top: i
     """Move ``comm``'s scales toward what ``sim`` observed (module docstring); return the ``top``
     edges whose modelled delay moved most, as ``{"edge", "from_us", "to_us"}``."""
     rows = []
-    for key, e in sorted(sim.edges.items()):
+    for (src, dst), e in sorted(sim.edges.items()):
         if e["modelled_us"] <= 0:
             continue
-        src, _, dst = key.partition("->")
         cls = cluster.route_class(e["src_device"], e["dst_device"])
         rows.append((src, dst, cls, e))
     before = {(s, d): comm.delay(s, d, e["src_device"], e["dst_device"], e["bytes"]) for s, d, _, e in rows}
