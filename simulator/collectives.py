@@ -35,12 +35,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from engine.core.errors import InputError
 from engine.core.ir import COLLECTIVE_OPS
 from simulator.p2p_channels import connection_cap
 from simulator.tuning import holds_full_nodes, tune_phases
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
+
 
 ALGOS = {
     "all_reduce": ("ring", "tree", "nvls"),
@@ -119,7 +123,7 @@ def normalize_op(op: str) -> str:
     return name
 
 
-def choose_algo(cluster: Any, op: str, ranks: Sequence[int], algo: str = "auto") -> str:
+def choose_algo(cluster: Cluster, op: str, ranks: Sequence[int], algo: str = "auto") -> str:
     """The algorithm ``auto`` stands for, or ``algo`` checked against ``op``."""
     op = normalize_op(op)
     if algo == "auto":
@@ -140,7 +144,7 @@ def choose_algo(cluster: Any, op: str, ranks: Sequence[int], algo: str = "auto")
 class CollectivePlanner:
     """Builds (and caches) :class:`CollectivePlan` s for one cluster."""
 
-    def __init__(self, cluster: Any):
+    def __init__(self, cluster: Cluster):
         self.cluster = cluster
         topo = cluster.topology
         self.bandwidth = {(u, v): d["bandwidth"] for u, v, d in topo.edges(data=True)}
@@ -229,8 +233,8 @@ class CollectivePlanner:
         pairs = [(ranks[i], ranks[(i + 1) % n], 0) for i in range(n) if ranks[i] != ranks[(i + 1) % n]]
         phase = self._phase(pairs, nbytes)
         cap = connection_cap(self.cluster, ranks)
-        node = self.cluster.node_of
-        conns = tuple((a, b) for a, b, _s in pairs if node(a) != node(b))
+        node_of = self.cluster.node_of
+        conns = tuple((a, b) for a, b, _s in pairs if node_of(a) != node_of(b))
         if conns and cap < math.inf:
             phase = replace(phase, conns=conns, conn_rate=cap)
         return [phase]
@@ -259,6 +263,6 @@ class CollectivePlanner:
         return [self._phase(up, nbytes / 2, 1, hops=depth), self._phase(down, nbytes / 2, 1, hops=depth)]
 
 
-def collective_time(cluster: Any, op: str, nbytes: int, ranks: Sequence[int], algo: str = "auto") -> float:
+def collective_time(cluster: Cluster, op: str, nbytes: int, ranks: Sequence[int], algo: str = "auto") -> float:
     """Time in us of one collective alone on ``cluster`` (closed form; the flow model agrees)."""
     return CollectivePlanner(cluster).time_us(op, nbytes, ranks, algo)

@@ -26,7 +26,11 @@ Units: bytes/us.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
+
 
 
 def pow2_up(x: int) -> int:
@@ -34,7 +38,7 @@ def pow2_up(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-def nics_per_node(cluster: Any, ranks: Sequence[int]) -> int:
+def nics_per_node(cluster: Cluster, ranks: Sequence[int]) -> int:
     """NICs the group drives on its busiest node: per node ``min(its GPUs there, node NICs)``."""
     count: dict[int, int] = {}
     for g in ranks:
@@ -53,7 +57,7 @@ def peer_channels(nranks: int, coll_channels: int, per_nic: int) -> int:
     return max(k, 1)
 
 
-def connection_cap(cluster: Any, ranks: Sequence[int]) -> float:
+def connection_cap(cluster: Cluster, ranks: Sequence[int]) -> float:
     """The most one cross-node p2p connection of the group ``ranks`` moves (bytes/us); ``inf``
     when ``comm.net_channels_per_nic`` is 0 (rule off) or the group sits in one node."""
     per_nic = getattr(cluster.profile.comm, "net_channels_per_nic", 0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from simulator.result import SimResult, build_result
 from simulator.streams import check_deadlock, check_plan, stream_sequences
 from simulator.symmetry import build_model
 
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
+
+
 MODES = ("flow", "alpha_beta")
 
 
@@ -48,7 +52,7 @@ def jitter_factors(names: list[str], seed: int, jitter: float) -> dict[str, floa
     return {o: float(x) for o, x in zip(sorted(names), draws)}
 
 
-def simulate(plan: Plan, workload: Workload, cluster: Any, *, seed: int = 0, jitter: float = 0.0, mode: str = "flow",
+def simulate(plan: Plan, workload: Workload, cluster: Cluster, *, seed: int = 0, jitter: float = 0.0, mode: str = "flow",
              allow_oom: bool = False, symmetry: bool = True, comm_compute_slowdown: float | None = None,
              timeline: bool = True) -> SimResult:
     """Simulate ``plan`` of ``workload`` on ``cluster``; see the module docstring.
@@ -140,7 +144,7 @@ def _simulate(plan, workload, cluster, seed, jitter, mode, allow_oom, symmetry, 
                         loop_s=loop_s, loop_cpu_s=loop_cpu_s)
 
 
-def simulate_collective(cluster: Any, op: str, nbytes: int, ranks, algo: str = "auto", mode: str = "flow") -> float:
+def simulate_collective(cluster: Cluster, op: str, nbytes: int, ranks, algo: str = "auto", mode: str = "flow") -> float:
     """Time in us of one collective alone, run through the simulator (flow or alpha_beta mode)."""
     ranks = tuple(int(g) for g in ranks)
     name = normalize_op(op)
@@ -151,7 +155,7 @@ def simulate_collective(cluster: Any, op: str, nbytes: int, ranks, algo: str = "
     return simulate(plan, wl, cluster, mode=mode, symmetry=False, timeline=False).makespan_us
 
 
-def simulate_transfers(cluster: Any, pairs, nbytes: int) -> SimResult:
+def simulate_transfers(cluster: Cluster, pairs, nbytes: int) -> SimResult:
     """Simulate one ``nbytes`` transfer per (source GPU, destination GPU) pair, all starting at
     time 0 (zero-length ops at each end): what concurrent point-to-point traffic gets."""
     ops, edges, placements = [], [], {}

@@ -11,15 +11,20 @@ gives the same bytes. Written with :func:`engine.core.errors.write_atomic`.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import write_atomic
 from engine.core.ir import Workload
 
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
+    from simulator.result import SimResult
+
+
 TIDS = {"compute": 0, "comm": 1}
 
 
-def chrome_trace(result: Any, workload: Workload, cluster: Any) -> dict[str, Any]:
+def chrome_trace(result: SimResult, workload: Workload, cluster: Cluster) -> dict[str, Any]:
     """The trace as a dict ``{"traceEvents": [...], "displayTimeUnit": "ms", "otherData": {...}}``."""
     ops = workload.ops
     events: list[dict[str, Any]] = []
@@ -55,8 +60,8 @@ def chrome_trace(result: Any, workload: Workload, cluster: Any) -> dict[str, Any
         events.append({"ph": "M", "name": "process_name", "pid": net_pid, "tid": 0, "args": {"name": "network"}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": net_pid, "tid": 0,
                        "args": {"sort_index": net_pid}})
-    for link, series in result.link_series.items():
-        for t, share in series:
+    for link, shares in result.link_series.items():
+        for t, share in shares:
             events.append({"ph": "C", "name": link, "pid": net_pid, "tid": 0, "ts": t,
                            "args": {"utilization": share}})
     order = {"M": 0, "X": 1, "C": 2}
@@ -66,10 +71,10 @@ def chrome_trace(result: Any, workload: Workload, cluster: Any) -> dict[str, Any
                           "jitter": result.jitter, "workload": workload.name}}
 
 
-def trace_json(result: Any, workload: Workload, cluster: Any) -> str:
+def trace_json(result: SimResult, workload: Workload, cluster: Cluster) -> str:
     return json.dumps(chrome_trace(result, workload, cluster), sort_keys=True, separators=(",", ":")) + "\n"
 
 
-def write_trace(result: Any, workload: Workload, cluster: Any, path) -> None:
+def write_trace(result: SimResult, workload: Workload, cluster: Cluster, path) -> None:
     """Write the Chrome trace of ``result`` to ``path`` atomically."""
     write_atomic(path, trace_json(result, workload, cluster))

@@ -27,7 +27,11 @@ Units: bytes, us, bytes/us.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from hardware_profiles import Cluster
+
 
 NIC_SIDE = ("nic", "pcie")  # link classes between a GPU and the scale-out fabric
 
@@ -68,7 +72,7 @@ def fixed_us(profile: Any, op: str, n: int, nbytes: int, inter_node: bool) -> fl
     return buffer_us(profile, op, n, nbytes) + lat
 
 
-def holds_full_nodes(cluster: Any, ranks: Sequence[int]) -> bool:
+def holds_full_nodes(cluster: Cluster, ranks: Sequence[int]) -> bool:
     """True when ``ranks`` hold every GPU of each node they touch."""
     count: dict[int, int] = {}
     for g in ranks:

@@ -33,6 +33,9 @@ def test_a_cycle_names_the_nodes_that_can_never_start():
     with pytest.raises(OrderCycle) as err:
         earliest_times(4, [(0, 1, 1.0), (1, 2, 1.0), (2, 1, 1.0), (2, 3, 1.0)])
     assert err.value.stuck == [1, 2, 3]
+    with pytest.raises(OrderCycle) as err:  # an op that waits for itself
+        earliest_times(3, [(0, 1, 1.0), (2, 2, 0.0)])
+    assert err.value.stuck == [2]
 
 
 # 40 examples, ~3 s: random branchy graphs with bytes on 3 GPUs, planned by the heuristic

@@ -18,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from engine.core.cluster import ClusterView
+
 
 @dataclass
 class CommModel:
-    cluster: Any  # hardware_profiles.Cluster (kept untyped: engine.core.comm must not need the loader)
+    cluster: ClusterView
     class_scale: dict[str, float] = field(default_factory=dict)
     edge_scale: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -45,7 +47,7 @@ class CommModel:
         }
 
     @classmethod
-    def from_dict(cls, cluster: Any, d: Mapping[str, Any] | None) -> "CommModel":
+    def from_dict(cls, cluster: ClusterView, d: Mapping[str, Any] | None) -> "CommModel":
         d = d or {}
         edges = {}
         for key, v in d.get("edge_scale", {}).items():

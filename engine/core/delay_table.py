@@ -10,14 +10,14 @@ contention factor; 0 on one GPU or for zero bytes) up to float rounding.
 
 from __future__ import annotations
 
-from typing import Any
+from engine.core.comm import CommModel
 
 _SIZES = (1, 1 << 20, 1 << 30)  # bytes: three points to fit and check the line
 _AFFINE_RTOL = 1e-9
 
 
 class DelayTable:
-    def __init__(self, comm: Any, n_gpus: int):
+    def __init__(self, comm: CommModel, n_gpus: int):
         self.comm = comm
         self.n = int(n_gpus)
         self.edge_scale: dict[tuple[str, str], float] = dict(getattr(comm, "edge_scale", {}) or {})

@@ -17,6 +17,9 @@ import math
 from bisect import bisect_left
 from typing import Any, Iterable, TypeVar
 
+from engine.core.cluster import ClusterView
+from engine.core.ir import Workload
+
 K = TypeVar("K", str, int)
 
 INF = math.inf
@@ -48,7 +51,7 @@ def peak_resident(static: int, events: Iterable[tuple[float, int, Any, int]]) ->
     return peak
 
 
-def memory_caps(workload: Any, cluster: Any, memory_cap: int | None = None) -> list[int]:
+def memory_caps(workload: Workload, cluster: ClusterView, memory_cap: int | None = None) -> list[int]:
     """Per GPU of ``cluster``, the memory cap in bytes: ``memory_cap``, else the workload's
     ``memory_cap_bytes``, else the GPU's own memory (``cluster.memory_cap_bytes(gpu)``)."""
     cap = memory_cap if memory_cap is not None else workload.memory_cap_bytes

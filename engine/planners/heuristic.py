@@ -33,6 +33,8 @@ import math
 from bisect import bisect_right
 from typing import Any
 
+from engine.core.cluster import ClusterView
+from engine.core.comm import CommModel
 from engine.core.delay_table import DelayTable
 from engine.core.errors import InfeasibleError
 from engine.core.ir import Placement, Plan, Transfer, Workload, topological_indices
@@ -43,7 +45,7 @@ RETRY = 4  # waiting ops given another try when memory is freed (all of them onc
 INF = math.inf
 
 
-def plan_heuristic(workload: Workload, cluster: Any, comm: Any, memory_cap: int | None = None) -> Plan:
+def plan_heuristic(workload: Workload, cluster: ClusterView, comm: CommModel, memory_cap: int | None = None) -> Plan:
     """A valid plan of ``workload`` on ``cluster`` by list scheduling (module docstring).
 
     Raises :class:`engine.core.errors.InfeasibleError` when an op has no eligible GPU or memory
@@ -87,7 +89,7 @@ def _indexed(workload: Workload) -> tuple[list[str], list[Any], list[tuple[int, 
 
 
 class _ListScheduler:
-    def __init__(self, workload: Workload, cluster: Any, comm: Any, memory_cap: int | None):
+    def __init__(self, workload: Workload, cluster: ClusterView, comm: CommModel, memory_cap: int | None):
         self.workload = workload
         self.n_gpus = n_gpus = cluster.n_gpus
         self.table = DelayTable(comm, n_gpus)
@@ -141,7 +143,7 @@ class _ListScheduler:
         self.succ_idx = [[s for s, _ in ss] for ss in succs]
         self._setup_memory(workload, cluster, memory_cap)
 
-    def _setup_memory(self, workload: Workload, cluster: Any, memory_cap: int | None) -> None:
+    def _setup_memory(self, workload: Workload, cluster: ClusterView, memory_cap: int | None) -> None:
         n_gpus, ops = self.n_gpus, self.ops
         index = {o: i for i, o in enumerate(self.names)}
         caps = memory_caps(workload, cluster, memory_cap)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from engine.core.cluster import ClusterView, DelayModel
+from engine.core.comm import CommModel
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Workload
 from engine.core.timing import OrderCycle, earliest_times
@@ -94,7 +96,7 @@ def one_f_one_b_order(spec: TransformerSpec, workload: Workload) -> dict[int, li
     return order
 
 
-def semi_active_plan(workload: Workload, order: dict[int, list[str]], cluster: Any, comm: Any,
+def semi_active_plan(workload: Workload, order: dict[int, list[str]], cluster: ClusterView, comm: DelayModel,
                      planner: str = "1f1b") -> Plan:
     """The semi-active plan of ``order``: each op starts when the previous op of every stream it
     occupies (a collective: the comm stream of every GPU of its group) has ended and its inputs
@@ -141,7 +143,7 @@ def transformer_schedule_plan(scenario: Any, name: str) -> Plan:
     return semi_active_plan(workload, order, scenario.cluster, scenario.comm, planner=f"schedule:{name}")
 
 
-def send_time_us(spec: TransformerSpec, cluster: Any, comm: Any, send_bytes: int) -> float:
+def send_time_us(spec: TransformerSpec, cluster: ClusterView, comm: CommModel, send_bytes: int) -> float:
     """Delay of one pipeline send between consecutive ranks (0 with one stage)."""
     if spec.parallelism.pp < 2:
         return 0.0

@@ -25,6 +25,7 @@ import math
 import numbers
 from typing import Any, Callable, Mapping
 
+from engine.core.cluster import ClusterView, DelayModel
 from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Transfer, Workload, stream_sequences
 from engine.core.memory import memory_caps, memory_events, peak_resident
@@ -93,7 +94,7 @@ def make_transfers(placements: Mapping[str, Placement], workload: Workload,
 
 # -- validation ---------------------------------------------------------------------------------
 
-def validate_plan(plan: Plan, workload: Workload, cluster: Any, comm: Any, memory_cap: int | None = None) -> list[str]:
+def validate_plan(plan: Plan, workload: Workload, cluster: ClusterView, comm: DelayModel, memory_cap: int | None = None) -> list[str]:
     """All the ways ``plan`` breaks the rules (module docstring), one readable line each; [] = valid."""
     out: list[str] = []
     ops = workload.ops
@@ -109,7 +110,7 @@ def validate_plan(plan: Plan, workload: Workload, cluster: Any, comm: Any, memor
     return out
 
 
-def _check_placements(plan: Plan, ops: Mapping[str, Any], cluster: Any, out: list[str]) -> set[str]:
+def _check_placements(plan: Plan, ops: Mapping[str, Any], cluster: ClusterView, out: list[str]) -> set[str]:
     """Placement-level rules; returns the ops whose placement the pairwise checks can use."""
     n = cluster.n_gpus
     model = cluster.gpu_model
@@ -147,7 +148,7 @@ def _check_placements(plan: Plan, ops: Mapping[str, Any], cluster: Any, out: lis
     return usable
 
 
-def _check_precedence(plan: Plan, workload: Workload, comm: Any, usable: set[str], out: list[str]) -> None:
+def _check_precedence(plan: Plan, workload: Workload, comm: DelayModel, usable: set[str], out: list[str]) -> None:
     for u, v, nbytes in sorted(workload.graph.edges(data="bytes")):
         if u not in usable or v not in usable:
             continue
@@ -180,7 +181,7 @@ def _check_overlap(plan: Plan, ops: Mapping[str, Any], usable: set[str], cluster
                 last_end, last_op = end, op_id
 
 
-def _check_order(plan: Plan, ops: Mapping[str, Any], cluster: Any, out: list[str]) -> None:
+def _check_order(plan: Plan, ops: Mapping[str, Any], cluster: ClusterView, out: list[str]) -> None:
     seen: dict[str, int] = {}
     for d in sorted(plan.order):
         if not isinstance(d, numbers.Integral) or not 0 <= d < cluster.n_gpus:
@@ -239,7 +240,7 @@ def _check_memory(plan: Plan, workload: Workload, caps: list[int], usable: set[s
 
 # -- compaction -----------------------------------------------------------------------------------
 
-def compact(plan: Plan, workload: Workload, comm: Any) -> Plan:
+def compact(plan: Plan, workload: Workload, comm: DelayModel) -> Plan:
     """The semi-active plan with the same placement and per-stream order as ``plan``.
 
     Every op starts at max(end of the previous op on each stream it occupies, arrival of each
@@ -294,7 +295,7 @@ def _stream_chains(plan: Plan, ops: Mapping[str, Any]) -> dict[tuple[int, str], 
 
 # -- bounds -------------------------------------------------------------------------------------
 
-def lower_bounds(workload: Workload, cluster: Any) -> dict[str, float]:
+def lower_bounds(workload: Workload, cluster: ClusterView) -> dict[str, float]:
     """Valid lower bounds (us) on the makespan of any plan of ``workload`` on ``cluster``.
 
     * ``critical_path_us``: the longest path of op durations (comm ignored: it is 0 when

@@ -33,7 +33,7 @@ from engine.core.memory import memory_caps
 from engine.core.options import LoopOptions, SimulatorOptions, SolverOptions
 from engine.workloads.pipeline import build_pipeline, load_graph
 from engine.workloads.transformer import transformer_workload
-from hardware_profiles import build_cluster, load_profile
+from hardware_profiles import Cluster, build_cluster, load_profile
 
 GIB = 1 << 30
 
@@ -67,7 +67,7 @@ class Scenario:
     name: str
     seed: int
     workload: Workload
-    cluster: Any  # hardware_profiles.Cluster
+    cluster: Cluster
     comm: CommModel
     memory_cap_bytes: int | None
     objective: dict[str, Any] = field(default_factory=dict)

@@ -21,8 +21,9 @@ ZB-V. They split the backward into ``B`` (input gradient, on the critical path b
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable
+from typing import Callable
 
+from engine.core.comm import CommModel
 from engine.planners.schedules.actions import Action, PipelineShape, Schedule, Step
 
 
@@ -125,7 +126,7 @@ def zb_v(shape: PipelineShape, comm=None) -> Schedule:
 RULE = "list schedule on the workload's times: B > F (in-flight limit) > W"
 
 
-def timing_of(shape: PipelineShape, comm: Any) -> tuple[dict[str, float], Callable[[str, int, int], float]]:
+def timing_of(shape: PipelineShape, comm: CommModel) -> tuple[dict[str, float], Callable[[str, int, int], float]]:
     """(per-phase duration in us, stage-to-stage delay function) of ``shape`` under ``comm``
     (no communication delay when ``comm`` is None)."""
     dur = {ph: float(shape.times.get(ph, 0.0)) for ph in ("F", "B", "W")}
