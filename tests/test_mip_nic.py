@@ -27,10 +27,11 @@ from engine.core.comm import CommModel
 from engine.core.errors import InputError
 from engine.core.ir import Edge, Op, Workload
 from engine.planners.mip.instance import Instance
-from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
+from engine.planners.mip.model import DEFAULT_SPEEDUPS
 from engine.planners.mip.nic_sched import nic_semi_active
 from engine.planners.mip.nic_tasks import nic_tasks
 from engine.planners.mip.plan import choose_warm_start, plan_mip
+from engine.planners.mip.solution import build_model
 from engine.planners.mip.solve import warm_values
 from engine.planners.mip.warm import makespan
 from engine.planners.registry import plan_scenario
@@ -295,9 +296,9 @@ def test_the_nic_feasible_warm_start_satisfies_every_row(wl):
     _, warm = choose_warm_start(inst, wl, cl, comm, None, None, nic)
     again = nic_semi_active(inst, nic, warm)  # a fixed point: already semi-active under its orders
     assert again.sigma == pytest.approx(warm.sigma) and again[1] == pytest.approx(warm[1])
-    b = Builder(inst, makespan(inst, warm), DEFAULT_SPEEDUPS, nic=nic)
-    m, _ = b.build()
-    vals = warm_values(b, warm)
+    b, blocks = build_model(inst, makespan(inst, warm), DEFAULT_SPEEDUPS, nic=nic)
+    m = b.m
+    vals = warm_values(b, warm, blocks)
     for v in m.component_data_objects(pyo.Var):
         v.set_value(vals[id(v)], skip_validation=True)
         assert v.lb is None or v.value >= v.lb - 1e-6, v.name

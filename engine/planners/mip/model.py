@@ -28,7 +28,6 @@ from typing import Any
 import pyomo.environ as pyo
 
 from engine.planners.mip.instance import Instance
-from engine.planners.mip.nic import add_nic
 
 DEFAULT_SPEEDUPS = {"tight_big_m": True, "symmetry": True, "dag_pairs": True, "load_cut": True,
                     "warm_start": True, "tie_break": False, "lns": True}
@@ -55,9 +54,11 @@ class Builder:
     """Builds the Pyomo model of an :class:`Instance` block by block."""
 
     def __init__(self, inst: Instance, horizon: float, speedups: dict[str, bool], objective: str = "makespan",
-                 makespan_bound: float | None = None, memory_weight: float = 0.0, nic=None):
+                 makespan_bound: float | None = None, memory_weight: float = 0.0,
+                 transfer_arcs: frozenset[tuple[int, int]] = frozenset()):
         self.inst = inst
-        self.nic = nic  # engine.planners.mip.nic.NicTasks: transfers as NIC tasks (None: pure delays)
+        # arcs whose precedence rows another block writes (NIC transfer tasks, engine.planners.mip.nic)
+        self.transfer_arcs = transfer_arcs
         self.sp = {**DEFAULT_SPEEDUPS, **speedups}
         self.objective = objective
         self.makespan_bound = makespan_bound
@@ -128,7 +129,7 @@ class Builder:
         inst, m = self.inst, self.m
         m.prec = pyo.ConstraintList()
         for i, j in inst.arcs():
-            if self.nic is not None and (i, j) in self.nic.uses:
+            if (i, j) in self.transfer_arcs:
                 continue  # a transfer task: rows through sigma (engine.planners.mip.nic)
             delays = inst.edges.get((i, j), {})
             if not delays:
@@ -387,13 +388,11 @@ class Builder:
             raise ValueError(f"unknown objective {self.objective!r}")
 
     def build(self, memory: bool = True):
-        """The whole model: variables, assignment, precedence (with NIC tasks if ``nic``),
+        """The whole model: variables, assignment, precedence (but for ``transfer_arcs``),
         makespan, no-overlap, load cut, memory, objective."""
         self.variables()
         self.assignment()
         self.precedence()
-        if self.nic is not None:
-            add_nic(self, self.nic)
         self.makespan()
         self.no_overlap()
         self.load_cut()

@@ -18,8 +18,8 @@ Variables: ``sigma[t]`` in ``[ES[i] + p_min[i], LS[j] - c_min[i,j]]``; ``u[t,r]`
 uses link ``r``): a constant or a sum of ``x`` where an end is pinned, else a variable ``w[t,r]``
 in [0,1] held up by its rows; ``q[t,t']`` in {0,1}: ``t`` before ``t'`` on every NIC link they
 share (one interval per task, so one order for all links). Blocks: :func:`transfer_variables`,
-:func:`transfer_precedence`, :func:`nic_use`, :func:`nic_no_overlap`; :func:`add_nic` builds them
-all on a :class:`engine.planners.mip.model.Builder`.
+:func:`transfer_precedence`, :func:`nic_use`, :func:`nic_no_overlap`; :class:`NicBlocks` adds them
+to a built :class:`engine.planners.mip.model.Builder`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,47 @@ from typing import Any
 
 import pyomo.environ as pyo
 
+from engine.planners.mip.model import Builder
 from engine.planners.mip.nic_sched import nic_semi_active
 from engine.planners.mip.nic_tasks import Arc, Link, NicTasks
+
+
+class NicBlocks:
+    """The NIC-capacity blocks on a built :class:`engine.planners.mip.model.Builder`'s model, with
+    their own state (memoised uses, shared-link pairs, counts). The builder must leave the task
+    arcs' precedence to these blocks (``Builder(..., transfer_arcs=frozenset(nic.uses))``). The
+    block functions below take a ``NicBlocks`` as ``b``: it reads the builder's model, windows and
+    variables through it."""
+
+    def __init__(self, builder: Builder, nic: NicTasks):
+        self.builder = builder
+        self.nic = nic
+        self.memo: dict[tuple[Arc, Link], Any] = {}
+        self.link_index = {r: k for k, r in enumerate(sorted(nic.bandwidth))}
+        self.shared: dict[tuple[Arc, Arc], list[Link]] = {}
+        self.stats: dict[str, int] = {}
+
+    inst = property(lambda self: self.builder.inst)
+    m = property(lambda self: self.builder.m)
+    info = property(lambda self: self.builder.info)
+    sp = property(lambda self: self.builder.sp)
+    tol = property(lambda self: self.builder.tol)
+
+    def p(self, i: int):
+        return self.builder.p(i)
+
+    def x(self, i: int, d: int):
+        return self.builder.x(i, d)
+
+    def add(self) -> "NicBlocks":
+        """Every NIC block (after the builder has built its model)."""
+        self.m.nic_w = pyo.Var(pyo.Any, bounds=(0, 1), dense=False)
+        self.m.nic_rows = pyo.ConstraintList()
+        transfer_variables(self, self.nic)
+        transfer_precedence(self, self.nic)
+        nic_no_overlap(self, self.nic)
+        return self
+
 
 # -- model blocks ------------------------------------------------------------------------------------
 
@@ -79,7 +118,7 @@ def nic_use(b, nic: NicTasks, t: Arc, r: Link):
     gives fewer rows): ``w[t,r] >= sum_{a in G} x[i,a] + sum_{b in B} x[j,b] - 1``. Each sum is
     0 or 1, so ``w`` is forced to 1 exactly when the placement uses ``r``.
     """
-    memo = b.nic_memo
+    memo = b.memo
     if (t, r) in memo:
         return memo[(t, r)]
     inst, m = b.inst, b.m
@@ -104,7 +143,7 @@ def nic_use(b, nic: NicTasks, t: Arc, r: Link):
         src_groups = _groups(by_src)
         dst_groups = [(other, own) for own, other in _groups(by_dst)]
         groups = src_groups if len(src_groups) <= len(dst_groups) else dst_groups
-        key = (i, j, b.nic_link_index[r])
+        key = (i, j, b.link_index[r])
         m.nic_w[key] = 0
         out = m.nic_w[key]
         for srcs, dsts in groups:
@@ -139,7 +178,7 @@ def window_order(b, t: Arc, u: Arc) -> int | None:
     windows on a shared link, i.e. ``lo(u) + min_r tau[u,r] > hi(t)`` but not the reverse."""
     if not b.sp["tight_big_m"]:
         return None
-    shared = b.nic_shared[(t, u)]
+    shared = b.shared[(t, u)]
     t_ok = sigma_window(b, t)[0] + min(b.nic.tau(t, r) for r in shared) <= sigma_window(b, u)[1] + b.tol
     u_ok = sigma_window(b, u)[0] + min(b.nic.tau(u, r) for r in shared) <= sigma_window(b, t)[1] + b.tol
     if t_ok and not u_ok:
@@ -181,7 +220,7 @@ def nic_no_overlap(b, nic: NicTasks) -> None:
         for k, t in enumerate(ts):
             for u in ts[k + 1:]:
                 shared.setdefault((t, u), []).append(r)
-    b.nic_shared = shared
+    b.shared = shared
     dag = {pair: dag_order(b, *pair) for pair in sorted(shared)}
     fixed = {pair: (v if v is not None else window_order(b, *pair)) for pair, v in dag.items()}
     open_pairs = [t + u for (t, u), v in sorted(fixed.items()) if v is None]
@@ -205,21 +244,9 @@ def nic_no_overlap(b, nic: NicTasks) -> None:
                 if big > 0:
                     m.nic_seq.add(m.sigma[t] >= m.sigma[u] + tau_u - big * q - big * k)
     b.info.n_binaries += len(open_pairs)
-    b.nic_stats = {"nic_tasks": len(nic.arcs()), "nic_pairs": len(shared), "nic_binaries": len(open_pairs),
+    b.stats = {"nic_tasks": len(nic.arcs()), "nic_pairs": len(shared), "nic_binaries": len(open_pairs),
                    "nic_dag_pairs": sum(v is not None for v in dag.values()),
                    "nic_window_pairs": sum(dag[p] is None and fixed[p] is not None for p in fixed)}
-
-
-def add_nic(b, nic: NicTasks) -> None:
-    """Every NIC block on builder ``b`` (after its variables and precedence rows)."""
-    b.nic = nic
-    b.nic_memo = {}
-    b.nic_link_index = {r: k for k, r in enumerate(sorted(nic.bandwidth))}
-    b.m.nic_w = pyo.Var(pyo.Any, bounds=(0, 1), dense=False)
-    b.m.nic_rows = pyo.ConstraintList()
-    transfer_variables(b, nic)
-    transfer_precedence(b, nic)
-    nic_no_overlap(b, nic)
 
 
 # -- warm start and solution ------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from engine.core.errors import InfeasibleError, InputError
 from engine.core.memory import peak_resident
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
+from engine.planners.mip.nic import NicBlocks
 from engine.planners.mip.nic_sched import nic_compact, twins_consistent
+from engine.planners.mip.nic_tasks import NicTasks
 from engine.planners.mip.solve import diagnose_infeasible, run_solver
 from engine.planners.mip.symmetry import (
     devices_interchangeable,
@@ -51,7 +53,7 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                    progress: Progress | None = None, makespan_bound: float | None = None,
                    memory_weight_us_per_gib: float | None = None,
                    solver_options: dict[str, Any] | None = None, stall_s: float | None = None,
-                   nic=None) -> Solution:
+                   nic: NicTasks | None = None) -> Solution:
     """Build and solve the model of ``inst`` within ``time_limit_s`` (building included); the
     schedule is semi-active, never worse than ``warm`` for the makespan objective. With ``nic``
     (:class:`engine.planners.mip.nic.NicTasks`) transfers hold NICs, and ``warm`` and the result are
@@ -107,13 +109,13 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                 horizon += weight * max(peak_at_starts(inst, known).values(), default=0)
         else:
             horizon = serial
-    builder = Builder(model_inst, horizon, sp, objective, makespan_bound if objective == "min_peak_memory" else None,
-                      weight, nic)
-    model, info = builder.build()
-    res = run_solver(model, info, model_inst, warm_m if sp["warm_start"] else None, builder, solver=solver,
+    builder, nic_blocks = build_model(model_inst, horizon, sp, objective,
+                                      makespan_bound if objective == "min_peak_memory" else None, weight, nic)
+    res = run_solver(builder.m, builder.info, model_inst, warm_m if sp["warm_start"] else None, builder, solver=solver,
                      time_limit_s=max(0.5, time_limit_s - (time.perf_counter() - t_start)), gap=gap,
                      threads=threads, progress=progress,
-                     solver_options=solver_options, stall_s=stall_s)
+                     solver_options=solver_options, stall_s=stall_s, nic=nic_blocks)
+    info = builder.info
     if res.infeasible:
         if warm is None:
             diagnose_infeasible(model_inst, sp, solver, threads, time_limit_s)
@@ -142,7 +144,18 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
             g * span > info.tie_weight * sum(info.ls) + 1e-6 * span:
         status = "feasible"  # within the requested gap, not proven optimal
     return Solution(sched, status, bound, g, info.n_binaries, "solver", res.objective,
-                    meta={**res.meta, "solver_status": res.status, **getattr(builder, "nic_stats", {})})
+                    meta={**res.meta, "solver_status": res.status, **(nic_blocks.stats if nic_blocks is not None else {})})
+
+
+def build_model(inst: Instance, horizon: float, speedups: dict[str, bool], objective: str = "makespan",
+                makespan_bound: float | None = None, memory_weight: float = 0.0,
+                nic: NicTasks | None = None) -> tuple[Builder, NicBlocks | None]:
+    """The model of ``inst``: the builder's blocks, and with ``nic`` the NIC-capacity blocks
+    composed on top (their task arcs' precedence rows are theirs, not the builder's)."""
+    builder = Builder(inst, horizon, speedups, objective, makespan_bound, memory_weight,
+                      frozenset(nic.uses) if nic is not None else frozenset())
+    builder.build()
+    return builder, (NicBlocks(builder, nic).add() if nic is not None else None)
 
 
 def relative_gap(span: float, bound: float) -> float:

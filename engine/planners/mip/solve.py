@@ -19,7 +19,7 @@ import pyomo.environ as pyo
 from engine.core.errors import InfeasibleError, InputError
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import Builder, ModelInfo
-from engine.planners.mip.nic import extract_sigma
+from engine.planners.mip.nic import NicBlocks, extract_sigma
 from engine.planners.mip.nic import warm_values as nic_warm_values
 from engine.planners.mip.nic_sched import NicSchedule
 from engine.planners.mip.warm import Schedule
@@ -47,8 +47,8 @@ class RawResult:
 
 # -- warm start ------------------------------------------------------------------------------------
 
-def warm_values(builder: Builder, sched: Schedule) -> dict[int, float]:
-    """Value of every model variable (by ``id``) in the plan ``sched``."""
+def warm_values(builder: Builder, sched: Schedule, nic: NicBlocks | None = None) -> dict[int, float]:
+    """Value of every model variable (by ``id``) in the plan ``sched``, the NIC blocks' too."""
     inst, m, info = builder.inst, builder.m, builder.info
     dev, start = sched
     n = len(inst)
@@ -80,12 +80,12 @@ def warm_values(builder: Builder, sched: Schedule) -> dict[int, float]:
             live = sum(inst.alloc[a] for a in allocs if dev[a] == dev[o] and started(a, o) and not_freed(a, o))
             peak = max(peak, inst.static[dev[o]] + live)
         vals[id(m.peak)] = float(peak) / builder.mem_unit
-    if getattr(builder, "nic", None) is not None:
-        vals.update(nic_warm_values(builder, sched))
+    if nic is not None:
+        vals.update(nic_warm_values(nic, sched))
     return vals
 
 
-def extract(builder: Builder) -> Schedule:
+def extract(builder: Builder, nic: NicBlocks | None = None) -> Schedule:
     """Devices and starts from the loaded variable values."""
     inst, m = builder.inst, builder.m
     dev, start = [], []
@@ -95,8 +95,8 @@ def extract(builder: Builder) -> Schedule:
         else:
             dev.append(max(inst.devices[i], key=lambda d: (pyo.value(m.x[i, d]) or 0.0, -d)))
         start.append(max(0.0, float(pyo.value(m.s[i]))))
-    if getattr(builder, "nic", None) is not None:  # keep the transfer starts (NIC capacity)
-        return NicSchedule(dev, start, extract_sigma(builder, dev))
+    if nic is not None:  # keep the transfer starts (NIC capacity)
+        return NicSchedule(dev, start, extract_sigma(nic, dev))
     return dev, start
 
 
@@ -148,7 +148,7 @@ def _use_threads(threads: int) -> None:
 
 def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap: float, threads: int,
                progress: Callable | None, options: dict[str, Any] | None = None,
-               stall_s: float | None = None) -> RawResult:
+               stall_s: float | None = None, nic: NicBlocks | None = None) -> RawResult:
     from pyomo.contrib.solver.common.factory import SolverFactory
     from pyomo.contrib.solver.common.results import SolutionStatus, TerminationCondition
 
@@ -164,7 +164,7 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
         import numpy as np
 
         vals = np.zeros(highs.getNumCol())
-        for vid, v in warm_values(builder, warm).items():
+        for vid, v in warm_values(builder, warm, nic).items():
             col = colmap.get(vid)
             if col is not None:
                 vals[col] = v
@@ -232,7 +232,7 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
     sched = None
     if has_sol:
         res.solution_loader.load_vars()
-        sched = extract(builder)
+        sched = extract(builder, nic)
     status = {TerminationCondition.convergenceCriteriaSatisfied: "optimal",
               TerminationCondition.maxTimeLimit: "time_limit"}.get(tc, "feasible")
     inc, bnd = _finite(res.incumbent_objective), _finite(res.objective_bound)
@@ -244,7 +244,7 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
 
 
 def _run_other(builder: Builder, warm: Schedule | None, name: str, time_limit_s: float, gap: float,
-               threads: int, extra: dict[str, Any] | None = None) -> RawResult:
+               threads: int, extra: dict[str, Any] | None = None, nic: NicBlocks | None = None) -> RawResult:
     from pyomo.opt import TerminationCondition as TC
 
     m = builder.m
@@ -264,7 +264,7 @@ def _run_other(builder: Builder, warm: Schedule | None, name: str, time_limit_s:
     options.update(extra or {})
     kwargs: dict[str, Any] = {"options": options, "load_solutions": False}
     if warm is not None:
-        vals = warm_values(builder, warm)
+        vals = warm_values(builder, warm, nic)
         for v in m.component_data_objects(pyo.Var):
             if id(v) in vals:
                 v.set_value(vals[id(v)], skip_validation=True)
@@ -277,7 +277,7 @@ def _run_other(builder: Builder, warm: Schedule | None, name: str, time_limit_s:
     sched = None
     if len(res.solution) > 0:
         m.solutions.load_from(res)
-        sched = extract(builder)
+        sched = extract(builder, nic)
     status = "optimal" if tc == TC.optimal else ("time_limit" if tc == TC.maxTimeLimit else "feasible")
     bnd = _finite(res.problem.lower_bound) if res.problem.lower_bound is not None else None
     bound = bnd - builder.info.tie_weight * sum(builder.info.ls) if bnd is not None and builder.objective == "makespan" else None
@@ -286,13 +286,14 @@ def _run_other(builder: Builder, warm: Schedule | None, name: str, time_limit_s:
 
 def run_solver(model, info: ModelInfo, inst: Instance, warm: Schedule | None, builder: Builder, *, solver: str,
                time_limit_s: float, gap: float, threads: int, progress: Callable | None,
-               solver_options: dict[str, Any] | None = None, stall_s: float | None = None) -> RawResult:
-    """Solve ``builder``'s model with ``solver`` (HiGHS by default), warm-started from ``warm``;
+               solver_options: dict[str, Any] | None = None, stall_s: float | None = None,
+               nic: NicBlocks | None = None) -> RawResult:
+    """Solve ``builder``'s model (with its NIC blocks ``nic``, if any) with ``solver`` (HiGHS by default), warm-started from ``warm``;
     ``solver_options`` go to the solver as they are (e.g. HiGHS ``mip_heuristic_effort``).
     With ``stall_s``, HiGHS stops once its incumbent has not improved for that long."""
     if solver == "highs":
-        return _run_highs(builder, warm, time_limit_s, gap, threads, progress, solver_options, stall_s)
-    return _run_other(builder, warm, solver, time_limit_s, gap, threads, solver_options)
+        return _run_highs(builder, warm, time_limit_s, gap, threads, progress, solver_options, stall_s, nic)
+    return _run_other(builder, warm, solver, time_limit_s, gap, threads, solver_options, nic)
 
 
 # -- infeasibility -----------------------------------------------------------------------------------
