@@ -9,7 +9,7 @@ import pytest
 from engine.core.comm import CommModel
 from engine.core.errors import InputError
 from engine.core.ir import Collective, Edge, Op, Placement, Plan, Workload
-from engine.core.memory import memory_caps
+from engine.core.memory import memory_caps, memory_events, peak_resident
 from engine.planners.validate import compact, lower_bounds, peak_memory, validate_plan
 from hardware_profiles import build_cluster, load_profile
 
@@ -245,3 +245,60 @@ def test_with_a_real_h100_cluster():
     one_line_matching(validate_plan(early, wl, cluster, comm), "edge a -> b", "GPU 0 -> GPU 1")
     assert validate_plan(ok, wl, cluster, comm, memory_cap=0) == []
     assert memory_caps(wl, cluster) == [cluster.memory_cap_bytes(0)] * 8
+
+
+# -- found by bench/mutants.py: behaviour no test pinned ------------------------------------------
+
+def test_non_finite_times_and_out_of_cluster_gpus_are_reported_not_checked_further():
+    nan = float("nan")
+    one_line_matching(check({**GOOD, "a": (0, nan, nan)}), "op a has a non-finite time")
+    one_line_matching(check({**GOOD, "b": (1, float("inf"), float("inf"))}), "op b has a non-finite time")
+    # an unusable op drops out of the other checks: no precedence or overlap line about it
+    assert not [v for v in check({**GOOD, "a": (0, nan, nan)}) if "edge a -> b" in v or "overlaps" in v]
+
+
+def test_plan_order_naming_a_gpu_outside_the_cluster():
+    order = {**Plan.default_order(plan_of(GOOD).placements), 9: []}
+    one_line_matching(check(GOOD, order=order), "plan order lists GPU 9", "0..3")
+
+
+def test_plan_order_naming_an_unknown_op():
+    order = Plan.default_order(plan_of(GOOD).placements)
+    order[0] = order[0] + ["zz"]
+    one_line_matching(check(GOOD, order=order), "plan order of GPU 0 lists 'zz'")
+
+
+def test_memory_report_names_the_largest_live_allocations_and_counts_the_rest():
+    # cap 40: m1 (60) is over at 0 us; m3 (50) is over again at 10 us, after m1 was freed:
+    # one line for the first, the second counted; only m1 is live at the first
+    line = one_line_matching(check(GOOD, cap=40), "GPU 2 memory at 0 us", "60 bytes live")
+    assert "largest: m1 60)" in line and "(and 1 more allocations over the cap on GPU 2)" in line
+
+
+def test_compact_recomputes_the_gap_against_the_lower_bound():
+    cluster = FakeCluster(4)
+    slack = {"a": (0, 0, 10), "c": (0, 30, 35), "b": (1, 50, 70), "m1": (2, 0, 5), "m2": (2, 7, 12), "m3": (2, 20, 25)}
+    out = compact(plan_of(slack, status="feasible", lower_bound_us=31.0, mip_gap=0.5), workload(), CommModel(cluster))
+    assert out.makespan_us == 41.0 and out.mip_gap == pytest.approx((41.0 - 31.0) / 41.0)
+    kept = compact(plan_of(slack, status="feasible"), workload(), CommModel(cluster))
+    assert kept.mip_gap is None
+
+
+def test_compact_refuses_an_order_that_misses_or_doubles_an_op():
+    order = Plan.default_order(plan_of(GOOD).placements)
+    with pytest.raises(InputError, match="list every op exactly once"):
+        compact(plan_of(GOOD, order={**order, 0: ["a"]}), workload(), CommModel(FakeCluster(4)))
+    with pytest.raises(InputError, match="list every op exactly once"):
+        compact(plan_of(GOOD, order={**order, 1: ["b", "a"]}), workload(), CommModel(FakeCluster(4)))
+
+
+def test_memory_events_order_frees_first_within_the_relative_tolerance():
+    # b is freed 5e-5 us after a allocates at 100 us: within 1e-6 x 100 us it counts as freed
+    # first (peak 60), without tolerance it does not (peak 110); far from the instant it never does
+    allocs = [("b", 50, 0.0, 100.00005), ("a", 60, 100.0, 200.0)]
+    assert [e[2] for e in memory_events(allocs, 1e-6)] == ["b", "b", "a", "a"]
+    assert peak_resident(0, memory_events(allocs, 1e-6)) == 60
+    assert [e[2] for e in memory_events(allocs, 0.0)] == ["b", "a", "b", "a"]
+    assert peak_resident(0, memory_events(allocs, 0.0)) == 110
+    late = [("b", 50, 0.0, 100.01), ("a", 60, 100.0, 200.0)]
+    assert peak_resident(7, memory_events(late, 1e-6)) == 117
