@@ -29,12 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from engine.core.cluster import ClusterView
 from engine.core.comm import CommModel
 from engine.core.ir import Plan
 from engine.core.options import LoopOptions
 from engine.planners.registry import plan_scenario
 from engine.planners.validate import compact
+from engine.scenario.loader import Scenario
 from engine.scenario.simulation import simulate_scenario
+from simulator.result import SimResult
 
 UPDATE_MODES = next(f.metadata["choices"] for f in dataclasses.fields(LoopOptions) if f.name == "update")
 
@@ -69,7 +72,7 @@ class LoopResult:
     iterations: list[Iteration]
     best_k: int
     best_plan: Plan
-    best_sim: Any  # simulator.SimResult
+    best_sim: SimResult
     converged: bool
     reason: str
     comm: CommModel
@@ -82,7 +85,7 @@ class LoopResult:
                 "converged": self.converged, "reason": self.reason, "comm_model": self.comm.to_dict()}
 
 
-def refine(scenario, *, planner: str | None = None, progress: Callable[[Iteration], None] | None = None,
+def refine(scenario: Scenario, *, planner: str | None = None, progress: Callable[[Iteration], None] | None = None,
            solver_options: dict[str, Any] | None = None, **loop_options: Any) -> LoopResult:
     """Run the loop on ``scenario`` (module docstring). ``loop_options`` override the scenario's
     ``loop`` section (tolerance, patience, max_iters, damping, update); ``solver_options`` its
@@ -93,7 +96,7 @@ def refine(scenario, *, planner: str | None = None, progress: Callable[[Iteratio
     wl, cluster = scenario.workload, scenario.cluster
     comm = CommModel(cluster)
     iterations: list[Iteration] = []
-    best: tuple[int, Plan, Any] | None = None
+    best: tuple[int, Plan, SimResult] | None = None
     warm: Plan | None = None
     since_best = 0
     prev_plan: Plan | None = None
@@ -142,12 +145,12 @@ def _same_schedule(a: Plan, b: Plan) -> bool:
     return a.order == b.order and all(p.device == b.placements[o].device for o, p in a.placements.items())
 
 
-def _solve(scenario, comm: CommModel, planner: str | None, warm: Plan | None, solver_options: dict[str, Any]) -> Plan:
+def _solve(scenario: Scenario, comm: CommModel, planner: str | None, warm: Plan | None, solver_options: dict[str, Any]) -> Plan:
     sc = dataclasses.replace(scenario, comm=comm)
     return plan_scenario(sc, planner, warm_start=warm, **solver_options)
 
 
-def update_comm(comm: CommModel, sim, cluster, damping: float, mode: str, top: int = 5) -> list[dict[str, Any]]:
+def update_comm(comm: CommModel, sim: SimResult, cluster: ClusterView, damping: float, mode: str, top: int = 5) -> list[dict[str, Any]]:
     """Move ``comm``'s scales toward what ``sim`` observed (module docstring); return the ``top``
     edges whose modelled delay moved most, as ``{"edge", "from_us", "to_us"}``."""
     rows = []
