@@ -424,3 +424,15 @@ def test_cli_time_limit_bounds_the_solve_time(tmp_path):
     out = json.loads(res.output)
     assert out["status"] == "time_limit"
     assert 1.0 - 0.5 <= out["solve_s"] <= 1.0 + TIME_SLACK_S
+
+
+# -- found by bench/mutants.py: behaviour no test pinned ------------------------------------------
+
+def test_coarsening_serves_the_makespan_objective_only():
+    """merge=2 would coarsen a p=2, m=4 pipeline; the memory objective solves the full model."""
+    wl = unit_pipeline(2, 4, activation_bytes=1 << 30)
+    plan = solve(wl, FakeCluster(2), objective="min_peak_memory", makespan_bound_us=100.0, merge=2)
+    assert plan.meta["n_ops_after_merge"] == plan.meta["n_ops"] == len(wl)
+    coarse = solve(unit_pipeline(2, 4), FakeCluster(2), merge=2)
+    assert coarse.meta["n_ops_after_merge"] < coarse.meta["n_ops"]
+

@@ -37,6 +37,7 @@ from engine.planners.mip.warm import makespan
 from engine.planners.registry import plan_scenario
 from engine.planners.validate import validate_plan
 from engine.scenario.loader import load_scenario
+from engine.workloads.pipeline import build_pipeline
 from hardware_profiles import build_cluster, load_profile
 from simulator.simulate import simulate
 
@@ -317,7 +318,6 @@ def test_a_pipeline_across_nodes_fits_its_nic_holds_into_slack():
     (The simulator starts every transfer when its source ends and shares the NIC max-min
     fairly, which delays the first of two overlapping transfers; here it runs longer than
     either model predicts, so the two are not compared.)"""
-    from engine.workloads.pipeline import build_pipeline
 
     cl = cluster(1, 2)
     wl = build_pipeline(2, 4, times_us={"F": 500.0, "B": 500.0, "W": 500.0}, send_bytes=B, stage_devices=[0, 1])
@@ -371,3 +371,11 @@ def test_cli_plan_nic_capacity_json():
     assert out["makespan_us"] == pytest.approx(9000.0)  # every expert stays local: 1,000 + 4,000 + 4,000
     plain = run_cli(*args)
     assert plain["nic_capacity"] is False and plain["makespan_us"] < out["makespan_us"]
+
+
+def test_nic_capacity_with_coarsening_is_refused_in_one_line():
+    # found by bench/mutants.py: the guard was never exercised
+    wl = build_pipeline(2, 4, times_us={"F": 1.0, "B": 1.0, "W": 1.0}, stage_devices=[0, 2], send_bytes=1 << 20)
+    cl = cluster(2, 2)
+    with pytest.raises(InputError, match="solver.merge: coarsening does not model NIC capacity"):
+        plan_mip(wl, cl, CommModel(cl), nic_capacity=True, merge=2, threads=1, time_limit_s=5)
