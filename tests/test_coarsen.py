@@ -158,7 +158,7 @@ def test_memory_area_bound_by_hand(p, m, cap, want):
 
 def test_window_mips_never_make_a_plan_worse_and_fix_a_poor_one():
     from engine.planners.mip.lns import improve, slack
-    from engine.planners.mip.warm import eft_schedule, priority_rules
+    from engine.planners.mip.warm import parallel_schedule, priority_rules
     from engine.workloads.graphgen import generate
     from engine.workloads.pipeline import graph_from_dict
 
@@ -166,7 +166,9 @@ def test_window_mips_never_make_a_plan_worse_and_fix_a_poor_one():
     cl = FakeCluster(3)
     inst = instance(wl, cl)
     rules = priority_rules(inst)
-    poor = semi_active(inst, *eft_schedule(inst, [(-k[0], k[1], k[2]) for k in rules["head"]]))
+    reversed_head = parallel_schedule(inst, [(-k[0], k[1], k[2]) for k in rules["head"]])
+    assert reversed_head is not None
+    poor = semi_active(inst, *reversed_head)
     assert min(slack(inst, poor)) == pytest.approx(0.0)
     better, stats = improve(inst, poor, 4.0, {"threads": 1, "speedups": {}})
     assert stats["lns_rounds"] >= 1

@@ -1,12 +1,10 @@
 """Warm starts for the MIP: small generic list schedules on an :class:`Instance`.
 
-Two schedule builders, each run with a few priority rules, the best result wins:
-
-* :func:`parallel_schedule` (non-delay, time-stepping): at each event time every idle stream
-  takes the highest-priority op whose inputs have arrived and whose allocation fits the GPU's
-  memory (and, optionally, an in-flight limit on allocations waiting for their release);
-* :func:`eft_schedule` (HEFT-like): ops in priority order, each on the GPU where it finishes
-  first, appended after what that stream already runs (memory is checked afterwards).
+:func:`parallel_schedule` (non-delay, time-stepping), run with a few priority rules, the best
+result wins: at each event time every idle stream takes the highest-priority op whose inputs have
+arrived and whose allocation fits the GPU's memory (and, optionally, an in-flight limit on
+allocations waiting for their release). The HEFT list schedule is the heuristic's
+(:mod:`engine.planners.heuristic`), which :func:`engine.planners.mip.plan.choose_warm_start` adds.
 
 Priority rules: critical path (longest ``p + tail`` first), earliest head first, ops that free
 memory first, and, when ops carry pipeline phase tags, "zero-bubble" order (B before F before W,
@@ -127,37 +125,8 @@ def parallel_schedule(inst: Instance, key: list[tuple], inflight: int | None = N
     return dev, start
 
 
-def eft_schedule(inst: Instance, key: list[tuple]) -> Schedule:
-    """HEFT-like: highest-priority ready op on the GPU where it finishes first (appended)."""
-    n = len(inst)
-    preds, succs = inst.preds(), inst.succs()
-    missing = [len(preds[i]) for i in range(n)]
-    dev, start, end = [-1] * n, [0.0] * n, [0.0] * n
-    free_at: dict[tuple[int, str], float] = {}
-    heap = [(key[i], i) for i in range(n) if missing[i] == 0]
-    heapq.heapify(heap)
-    while heap:
-        _, i = heapq.heappop(heap)
-        best = None
-        for d in inst.devices[i]:
-            s = max([_arrival(inst, i, d, dev, end)] + [free_at.get(r, 0.0) for r in inst.resources(i, d)])
-            cand = (s + inst.dur[i][d], d, s)
-            if best is None or cand < best:
-                best = cand
-        assert best is not None, "every op has an eligible GPU (checked by diagnose_static)"
-        f, d, s = best
-        dev[i], start[i], end[i] = d, s, f
-        for r in inst.resources(i, d):
-            free_at[r] = f
-        for j in succs[i]:
-            missing[j] -= 1
-            if missing[j] == 0:
-                heapq.heappush(heap, (key[j], j))
-    return dev, start
-
-
 def candidate_schedules(inst: Instance, budget_runs: int = 24) -> list[tuple[str, Schedule]]:
-    """Schedules from every rule: EFT, non-delay, and non-delay with in-flight limits."""
+    """Non-delay schedules from every rule, without and with in-flight limits."""
     out: list[tuple[str, Schedule]] = []
     rules = priority_rules(inst)
     n_dev = len({d for ds in inst.devices for d in ds}) or 1
@@ -165,7 +134,6 @@ def candidate_schedules(inst: Instance, budget_runs: int = 24) -> list[tuple[str
     if _has_release(inst):
         limits += sorted({max(1, n_dev // 2), n_dev, n_dev + 1, 2 * n_dev})
     for name, key in rules.items():
-        out.append((f"eft:{name}", eft_schedule(inst, key)))
         for lim in limits:
             if len(out) >= budget_runs:
                 break
