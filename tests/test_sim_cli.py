@@ -249,3 +249,21 @@ def test_a_transformer_schedule_not_built_yet_is_refused_in_one_line(tmp_path):
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "workload.parallelism.schedule" in lines[0] and "zb-h1" in lines[0], res.output
+
+
+def test_a_transformer_schedule_over_the_memory_cap_is_infeasible_in_one_line(tmp_path):
+    # 1F1B keeps pp micro-batches in flight on the first stage: 9.5 GiB is below its peak there
+    raw = yaml.safe_load(GPT1B.read_text())
+    raw["memory"] = {"cap_gib": 9.5}
+    path = tmp_path / "capped.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = run("simulate", str(path))
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and "memory.cap_bytes" in line and "schedule 1f1b needs" in line
+
+
+def test_a_transformer_planned_with_another_schedule_than_it_was_built_for_is_refused():
+    for planner, field in (("schedule:zb-h1", "solver.planner"), ("schedule:nope", "solver.planner")):
+        res = run("plan", str(GPT1B), "--planner", planner)
+        assert res.exit_code == 2 and field in res.output and len(res.output.strip().splitlines()) == 1, res.output

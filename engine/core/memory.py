@@ -2,10 +2,10 @@
 bookkeeping list schedulers (:mod:`engine.planners.heuristic`) keep under it.
 
 :func:`memory_caps` is the one rule for the cap: the cap a caller names, else the workload's
-(the scenario's ``memory`` section), else each GPU's memory from its profile.
+(the scenario's ``memory`` section), else each GPU's memory from its profile. :func:`memory_events`
+and :func:`peak_resident` are the one residency rule (see there).
 
-
-An allocation is recorded as +bytes at its start and, once known, -bytes at its free time;
+:class:`MemoryTimeline`, for list schedulers: an allocation is recorded as +bytes at its start and, once known, -bytes at its free time;
 until then it is *open* (live to infinity). Sizes in bytes, times in us. Per GPU the timeline
 keeps one net change per distinct time, so "frees at t happen before allocations at t" holds
 by construction: only the state after all changes at t is ever compared with the cap.

@@ -1,6 +1,6 @@
 """Megatron's 1F1B iteration of a ``transformer`` workload: the plan, and its time in closed form.
 
-:func:`one_f_one_b_plan` orders the ops of :func:`engine.workloads.transformer.build_transformer` the way
+:func:`one_f_one_b_order` orders the ops of :func:`engine.workloads.transformer.build_transformer` the way
 Megatron-LM runs them without virtual stages: on pipeline rank ``p`` of ``pp``, ``pp - p - 1``
 warm-up forwards, then one forward / one backward until the forwards run out, then the remaining
 backwards; each forward is followed by its epilogue after the TP all-reduce, each backward by its
@@ -17,6 +17,9 @@ rank ``s`` ends its last backward at ``T_pipe - sum_{s' < s} (B'_s' + c)``, then
 the embedding all-reduce (after both ends are ready) and the optimizer step. Exact for uniform
 stages; a test and the calibration bench compare it with the semi-active plan and the simulator.
 Times in us.
+
+:func:`transformer_schedule_plan` is the ``schedule:1f1b`` planner of a transformer scenario (what
+``plansim simulate`` runs by default), memory cap checked.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from engine.core.errors import InputError
 from engine.core.ir import Placement, Plan, Workload
 from engine.core.timing import OrderCycle, earliest_times
 from engine.planners.schedules.gpipe_1f1b import one_f_one_b_sequence
+from engine.planners.schedules.library import check_fits, check_name
 from engine.workloads.transformer import StageTimes, StepEnd, TransformerSpec, gpu_of, spec_from_dict
 
 STEP_END_PHASES = ("DP", "EMB", "OPT", "AG")
@@ -131,16 +135,26 @@ def semi_active_plan(workload: Workload, order: dict[int, list[str]], cluster: C
 
 
 def transformer_schedule_plan(scenario: Any, name: str) -> Plan:
-    """The plan of ``scenario``'s transformer workload in the pipeline schedule ``name``
-    (``parallelism.schedule``): Megatron's 1F1B order, semi-active. Other schedules are refused
-    in one line: their transformer orders are not built yet."""
+    """The ``schedule:<name>`` plan of ``scenario``'s transformer workload: for ``1f1b``
+    Megatron's 1F1B order, semi-active. Refused in one line: an unknown name, a name other than
+    the ``parallelism.schedule`` the workload was built for (its gradient edges follow that
+    schedule), a schedule whose transformer order is not built yet, and a plan over the memory
+    cap (:class:`InfeasibleError`)."""
+    check_name(name, scenario.path)
+    built_for = scenario.workload.meta["parallelism"]["schedule"]
+    if name != built_for:
+        raise InputError(scenario.path, "solver.planner",
+                         f"schedule:{name} on a transformer workload built for {built_for} "
+                         "(workload.parallelism.schedule): set that field instead")
     if name != "1f1b":
         raise InputError(scenario.path, "workload.parallelism.schedule",
-                         f"schedule {name} is not built for transformer workloads yet (1f1b is); "
-                         "plan with --planner heuristic or mip instead")
+                         f"schedule {name} is not built for transformer workloads yet (1f1b is); to run another "
+                         "plan, write one (plansim plan --planner heuristic -o plan.json) and pass --plan plan.json")
     workload = scenario.workload
     order = one_f_one_b_order(spec_from_dict(scenario.raw["workload"]), workload)
-    return semi_active_plan(workload, order, scenario.cluster, scenario.comm, planner=f"schedule:{name}")
+    plan = semi_active_plan(workload, order, scenario.cluster, scenario.comm, planner=f"schedule:{name}")
+    check_fits(plan, scenario, name)
+    return plan
 
 
 def send_time_us(spec: TransformerSpec, cluster: ClusterView, comm: CommModel, send_bytes: int) -> float:

@@ -63,12 +63,12 @@ def planner_names() -> list[str]:
     return sorted(PLANNERS)
 
 
-def plan_scenario(scenario, planner: str | None = None, *, warm_start: Plan | None = None,
+def plan_scenario(scenario, planner: str | None = None, *, warm_plan: Plan | None = None,
                   progress: Progress | None = None, **overrides: Any) -> Plan:
     """Plan ``scenario`` with ``planner`` (default: the scenario's ``solver.planner``).
 
     ``overrides`` replace fields of the scenario's :class:`SolverOptions` (``None`` keeps the
-    scenario's value); ``warm_start`` is a plan the MIP starts from; ``progress(elapsed_s,
+    scenario's value); ``warm_plan`` is a plan the MIP starts from; ``progress(elapsed_s,
     incumbent_us, bound_us)`` is called while the MIP solves."""
     options = replace(scenario.solver, **{k: v for k, v in overrides.items() if v is not None})
     name = planner or options.planner
@@ -76,7 +76,7 @@ def plan_scenario(scenario, planner: str | None = None, *, warm_start: Plan | No
     fn = PLANNERS.get(key)
     if fn is None:
         raise InputError(scenario.path, "solver.planner", f"unknown planner {name!r}; one of {', '.join(planner_names())}")
-    plan = fn(scenario, replace(options, planner=name), warm_start, progress)
+    plan = fn(scenario, replace(options, planner=name), warm_plan, progress)
     violations = validate_plan(plan, scenario.workload, scenario.cluster, scenario.comm, scenario.memory_cap_bytes)
     if violations:
         raise PlanInvalidError(f"planner {name} produced an invalid plan ({len(violations)} violations): {violations[0]}")

@@ -147,7 +147,7 @@ def _same_schedule(a: Plan, b: Plan) -> bool:
 
 def _solve(scenario: Scenario, comm: CommModel, planner: str | None, warm: Plan | None, solver_options: dict[str, Any]) -> Plan:
     sc = dataclasses.replace(scenario, comm=comm)
-    return plan_scenario(sc, planner, warm_start=warm, **solver_options)
+    return plan_scenario(sc, planner, warm_plan=warm, **solver_options)
 
 
 def update_comm(comm: CommModel, sim: SimResult, cluster: ClusterView, damping: float, mode: str, top: int = 5) -> list[dict[str, Any]]:

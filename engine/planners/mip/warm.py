@@ -18,7 +18,7 @@ import heapq
 from typing import Callable, Sequence
 
 from engine.core.memory import memory_events
-from engine.core.timing import earliest_times
+from engine.core.timing import OrderCycle, earliest_times
 from engine.planners.mip.instance import Instance
 
 Schedule = tuple[list[int], list[float]]
@@ -192,7 +192,10 @@ def compact_safe(inst: Instance, sched: Schedule) -> Schedule:
     """The most compact of: plain semi-active, semi-active keeping frees, ``sched`` itself,
     that still fits memory (``sched`` is returned unchanged if neither compaction does)."""
     for keep in (False, True):
-        out = semi_active(inst, *sched, keep_frees=keep)
+        try:
+            out = semi_active(inst, *sched, keep_frees=keep)
+        except OrderCycle:  # starts within float tolerance of a predecessor's end can order ops backwards
+            return sched
         if memory_ok(inst, out):
             return out
     return sched

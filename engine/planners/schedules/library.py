@@ -143,9 +143,16 @@ def schedule_planner(scenario, options: SolverOptions) -> Plan:
         plan = schedule_plan(generate(name, wl, scenario.comm), wl, scenario.comm, scenario.cluster.gpu_model)
     except InputError as e:
         raise InputError(scenario.path, e.field, e.reason) from None
+    check_fits(plan, scenario, name)
+    return plan
+
+
+def check_fits(plan: Plan, scenario, name: str) -> None:
+    """Raise :class:`InfeasibleError` (field ``memory.cap_bytes``) when schedule ``name``'s plan
+    needs more memory on some GPU than the scenario's cap."""
+    wl = scenario.workload
     caps = memory_caps(wl, scenario.cluster, scenario.memory_cap_bytes)
     for d, peak in sorted(peak_memory(plan, wl).items()):
         if peak > caps[d]:
             raise InfeasibleError(scenario.path, "memory.cap_bytes",
                                   f"schedule {name} needs {peak} bytes on GPU {d}, over the cap of {caps[d]} bytes")
-    return plan
