@@ -240,15 +240,15 @@ def test_simulate_runs_the_transformer_workloads_named_schedule():
     assert out["makespan_us"] < 0.75 * heuristic.makespan_us
 
 
-def test_a_transformer_schedule_not_built_yet_is_refused_in_one_line(tmp_path):
+def test_a_transformer_schedule_that_does_not_fit_is_refused_in_one_line(tmp_path):
     raw = yaml.safe_load(GPT1B.read_text())
-    raw["workload"]["parallelism"]["schedule"] = "zb-h1"
-    path = tmp_path / "zb.yaml"
+    raw["workload"]["parallelism"]["schedule"] = "dualpipe"
+    path = tmp_path / "dp.yaml"
     path.write_text(yaml.safe_dump(raw))
     res = run("simulate", str(path))
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and "workload.parallelism.schedule" in lines[0] and "zb-h1" in lines[0], res.output
+    assert len(lines) == 1 and "workload.parallelism.schedule" in lines[0] and "dualpipe" in lines[0], res.output
 
 
 def test_a_transformer_schedule_over_the_memory_cap_is_infeasible_in_one_line(tmp_path):

@@ -14,8 +14,8 @@ from engine.core.ir import Plan
 from engine.core.options import SolverOptions
 from engine.planners.heuristic import plan_heuristic
 from engine.planners.mip.plan import plan_mip_scenario
-from engine.planners.pipeline_time import transformer_schedule_plan
 from engine.planners.schedules.library import schedule_planner
+from engine.planners.transformer_schedule import transformer_schedule_plan
 from engine.planners.validate import validate_plan
 
 
@@ -50,13 +50,19 @@ PLANNERS: dict[str, Planner] = {
 }
 
 
-def default_simulation_planner(scenario) -> str:
-    """What ``plansim simulate`` plans with when no plan is given: a transformer workload's named
-    schedule (``parallelism.schedule``), else the heuristic."""
+def named_schedule_planner(scenario) -> str | None:
+    """A transformer workload's named schedule as a planner (``schedule:<parallelism.schedule>``),
+    else None: what ``simulate``, ``loop`` and ``whatif`` run unless ``--planner`` asks otherwise."""
     meta = scenario.workload.meta or {}
     if meta.get("kind") == "transformer":
         return f"schedule:{meta['parallelism']['schedule']}"
-    return "heuristic"
+    return None
+
+
+def default_simulation_planner(scenario) -> str:
+    """What ``plansim simulate`` plans with when no plan is given: a transformer workload's named
+    schedule (``parallelism.schedule``), else the heuristic."""
+    return named_schedule_planner(scenario) or "heuristic"
 
 
 def planner_names() -> list[str]:

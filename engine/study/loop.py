@@ -33,7 +33,7 @@ from engine.core.cluster import ClusterView
 from engine.core.comm import CommModel
 from engine.core.ir import Plan
 from engine.core.options import LoopOptions
-from engine.planners.registry import plan_scenario
+from engine.planners.registry import named_schedule_planner, plan_scenario
 from engine.planners.validate import compact
 from engine.scenario.loader import Scenario
 from engine.scenario.simulation import simulate_scenario
@@ -147,7 +147,8 @@ def _same_schedule(a: Plan, b: Plan) -> bool:
 
 def _solve(scenario: Scenario, comm: CommModel, planner: str | None, warm: Plan | None, solver_options: dict[str, Any]) -> Plan:
     sc = dataclasses.replace(scenario, comm=comm)
-    return plan_scenario(sc, planner, warm_plan=warm, **solver_options)
+    # a transformer runs its named schedule unless a planner is asked for
+    return plan_scenario(sc, planner or named_schedule_planner(scenario), warm_plan=warm, **solver_options)
 
 
 def update_comm(comm: CommModel, sim: SimResult, cluster: ClusterView, damping: float, mode: str, top: int = 5) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import yaml
 
 from engine.core.errors import InputError, write_atomic
-from engine.planners.registry import plan_scenario
+from engine.planners.registry import default_simulation_planner, plan_scenario
 from engine.scenario.loader import scenario_from_dict, set_dotted
 from engine.scenario.simulation import simulate_scenario
 from engine.study.loop import refine
@@ -106,7 +106,7 @@ def run_one(raw: dict[str, Any], path: str, no_solve: bool, solver_options: dict
     sc = scenario_from_dict(raw, path)
     converged: bool | None
     if no_solve:
-        plan = plan_scenario(sc, "heuristic")
+        plan = plan_scenario(sc, default_simulation_planner(sc))
         sim = simulate_scenario(sc, plan)
         iterations, converged = 1, None
     else:

@@ -389,6 +389,8 @@ def _add_step_end(spec: TransformerSpec, cluster, costs: list[StageCost], params
                 opt_id = f"OPT.p{p}{tag(r, d)}"
                 ops.append(Op(opt_id, optimizer_us(spec, params[p], model), devices=(gpu,), stage=p, phase="OPT"))
                 edges.extend(Edge(x, opt_id, 0) for x in ready[p, r, d])
+                if tp > 1:  # the step is complete: backward epilogues (some have no other successor) before OPT
+                    edges.extend(Edge(f"B{mb}.s{v}.end{tag(r, d)}", opt_id, 0) for mb in range(m) for v in rank_stages[p])
             if dp > 1 and spec.distributed_optimizer:
                 coll = _dp_collective(spec, params[p], p, r, gather=True)
                 ag = f"AG.p{p}.t{r}"
