@@ -14,6 +14,8 @@ from engine.core.ir import Plan
 from engine.planners.registry import default_simulation_planner, plan_scenario
 from engine.scenario.loader import load_scenario
 from engine.scenario.simulation import simulate_scenario
+from engine.workloads.transformer import spec_from_dict
+from engine.workloads.transformer_figures import transformer_figures
 from hardware_profiles import build_cluster, load_profile
 from simulator.collectives import bus_factor, choose_algo, normalize_op
 from simulator.simulate import simulate_collective
@@ -77,6 +79,10 @@ def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, 
     if out_path is not None:
         write_atomic(out_path, result.to_json(timing=False))
     summary = {"scenario": sc.name, "planner": plan.planner, **result.summary()}
+    figures = None
+    if sc.workload.meta.get("kind") == "transformer":
+        figures = transformer_figures(spec_from_dict(sc.raw["workload"]), sc.cluster.profile, sc.workload, result)
+        summary.update(figures.to_dict())
     if as_json:
         emit_json(summary)
         return
@@ -86,6 +92,12 @@ def simulate_cmd(scenario, plan_path, trace_path, out_path, seed, jitter, mode, 
                + f"   bubble {result.bubble_us:,.1f} us ({100 * result.bubble_ratio:.1f}%)")
     click.echo(f"peak memory {human_bytes(result.peak_memory_bytes)}   OOM events {len(result.oom_events)}   "
                f"{result.events:,} events in {result.sim_wall_s:.2f} s")
+    if figures is not None:
+        click.echo(f"tokens/s {figures.tokens_per_s:,.0f} ({figures.tokens_per_s_per_gpu:,.1f} per GPU)   "
+                   f"model TFLOP/s per GPU {figures.model_tflops_per_gpu:.1f}   MFU {100 * figures.mfu:.1f}%")
+        click.echo(table(["breakdown", "us"], list(figures.breakdown_us.items())))
+        click.echo(table(["memory (peak GPU)", "bytes"],
+                         [(k, human_bytes(v)) for k, v in figures.memory_breakdown_bytes.items()]))
     rows = [(f"GPU {d}", v["busy_us"], v["bubble_us"], human_bytes(v["peak_memory_bytes"]))
             for d, v in list(result.devices.items())[:16]]
     click.echo(table(["device", "busy us", "bubble us", "peak memory"], rows))

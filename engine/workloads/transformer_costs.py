@@ -289,13 +289,22 @@ def stage_cost(spec: TransformerSpec, stage: int) -> StageCost:
                      send_bytes=(m * h * e) // t)
 
 
-def static_memory_bytes(spec: TransformerSpec, params: int) -> int:
-    """Weights + gradients + optimizer states of ``params`` parameters on one GPU."""
-    # mixed precision: fp32 master copy + Adam m + v (12 B); fp32 training: m + v (8 B)
+def static_memory_breakdown(spec: TransformerSpec, params: int) -> dict[str, int]:
+    """Bytes of ``params`` parameters on one GPU: ``weights``, ``grads``, ``optimizer``.
+
+    As Megatron keeps them: 16-bit weights (2 B/param; fp32/tf32: 4), fp32 main gradients
+    (4 B/param, ``PRECISIONS``), Adam with an fp32 master copy + m + v (12 B/param; fp32 training:
+    m + v, 8 B). So bf16 = 18 B/param; with the distributed optimizer (ZeRO-1) the optimizer
+    states are sharded over dp: 6 + 12/dp B/param (Megatron's distributed-optimizer doc)."""
     opt = (12 if spec.elem_bytes == 2 else 8) * params
     if spec.distributed_optimizer:
         opt //= spec.parallelism.dp
-    return params * (spec.elem_bytes + spec.grad_bytes) + opt
+    return {"weights": params * spec.elem_bytes, "grads": params * spec.grad_bytes, "optimizer": opt}
+
+
+def static_memory_bytes(spec: TransformerSpec, params: int) -> int:
+    """Weights + gradients + optimizer states of ``params`` parameters on one GPU (bytes)."""
+    return sum(static_memory_breakdown(spec, params).values())
 
 
 def optimizer_us(spec: TransformerSpec, params: int, model: ComputeModel) -> float:
