@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from engine.core.documents import parse_yaml, read_text
 from engine.core.errors import InputError
 from hardware_profiles.profile import DTYPES, FIELD_BY_PATH, FIELDS, Field, Profile, profile_from_flat
 
@@ -130,17 +131,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 
 def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, None, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(path, None, f"malformed YAML{where}: {problem}") from None
+    return parse_yaml(read_text(path), path, lambda text: yaml.load(text, Loader=_StrictLoader))
 
 
 def _nearest(key: str) -> str:

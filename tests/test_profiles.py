@@ -188,7 +188,7 @@ def test_relative_path_resolves_against_source(tmp_path):
 
 def test_malformed_yaml_gives_the_line(tmp_path):
     path = write_profile(tmp_path, "name: x\ngpu:\n  model: [a\n  memory_gib: 80\n")
-    with pytest.raises(InputError, match=r"malformed YAML at line 4") as e:
+    with pytest.raises(InputError, match=r"line 4: invalid YAML") as e:
         load_profile(path)
     assert e.value.source == str(path)
 

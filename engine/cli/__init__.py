@@ -6,11 +6,13 @@ Every command turns :class:`engine.core.errors.InputError` into one line on stde
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
 
 from engine.core.errors import InputError
+from engine.core.interrupt import raise_on_sigterm
 
 # command name -> the module of engine.cli that defines it (in its ``commands`` list). A command's
 # module is imported only when that command runs: importing them all (Pyomo, SciPy, SimPy) doubles
@@ -45,8 +47,13 @@ class PlansimGroup(click.Group):
         return {c.name: c for c in importlib.import_module(f"engine.cli.{module}").commands}[name]
 
     def invoke(self, ctx):
+        raise_on_sigterm()
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # ``plansim ... | head``: the reader left; stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
         except InputError as err:
             click.echo(f"plansim: error: {err}", err=True)
             sys.exit(2)

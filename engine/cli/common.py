@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any, Iterable, Sequence
 
 import click
+
+from engine.core.options import range_problem
+
+
+class OptionValue(click.ParamType):
+    """A number for a command-line option that overrides a scenario field: the field's own type
+    and range rule (:func:`engine.core.options.range_problem`), so both places refuse alike."""
+
+    def __init__(self, options_class: type, name: str):
+        meta = {f.name: f.metadata for f in fields(options_class)}[name]
+        self.integer = meta["types"] == (int,)
+        self.range = meta["range"]
+        self.name = "integer" if self.integer else "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = int(value) if self.integer else float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+        problem = range_problem(self.range, number)
+        if problem:
+            self.fail(problem, param, ctx)
+        return number
 
 
 def emit_json(obj: Any) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit_json, human_bytes, table
+from engine.cli.common import OptionValue, emit_json, human_bytes, table
 from engine.cli.inspect import read_plan
 from engine.core.errors import InputError, write_atomic
+from engine.core.options import SolverOptions
 from engine.planners.schedules.library import SCHEDULE_NAMES
 from engine.planners.schedules.torch_csv import torch_csv
 from engine.scenario.loader import load_scenario
@@ -81,8 +82,8 @@ def plot_gantt(entries: dict, path: Path) -> None:
 @click.option("--mip-cap", "cap_from",
               help="MIP memory cap per GPU: a schedule name (its peak) or bytes. Default: the scenario's cap, "
                    "else the smallest peak among the known schedules.")
-@click.option("--time-limit", "time_limit_s", type=float, help="MIP time limit in seconds (default: the scenario's).")
-@click.option("--threads", type=click.IntRange(min=1), help="HiGHS threads (default: the scenario's).")
+@click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit in seconds (default: the scenario's).")
+@click.option("--threads", type=OptionValue(SolverOptions, "threads"), help="HiGHS threads (default: the scenario's).")
 @click.option("--no-mip", is_flag=True, help="Skip the MIP.")
 @click.option("--no-heuristic", is_flag=True, help="Skip the heuristic.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),

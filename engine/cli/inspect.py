@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from engine.cli.common import emit_json
+from engine.core.documents import read_text
 from engine.core.errors import InputError, write_atomic
 from engine.core.ir import Plan
 from engine.planners.validate import validate_plan
@@ -16,11 +17,7 @@ from engine.workloads.graphgen import GRAPH_KINDS, generate
 
 
 def read_plan(path: Path) -> Plan:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, None, "file not found") from None
-    return Plan.from_json(text, str(path))
+    return Plan.from_json(read_text(path), str(path))
 
 
 def plan_chrome_trace(plan: Plan, workload=None) -> dict:

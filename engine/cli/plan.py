@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import SolverProgress, emit_json, human_bytes, table
+from engine.cli.common import OptionValue, SolverProgress, emit_json, human_bytes, table
 from engine.core.errors import write_atomic
 from engine.core.ir import Plan, bubble_us, compute_busy_us
+from engine.core.options import SolverOptions
 from engine.planners.registry import plan_scenario
 from engine.planners.validate import peak_memory
 from engine.scenario.loader import load_scenario
@@ -62,8 +63,8 @@ def print_summary(summary: dict) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan JSON here.")
 @click.option("--planner", help="heuristic, mip or schedule:<name> (default: the scenario's solver.planner).")
 @click.option("--solver", "solver_name", help="MIP solver name (highs, gurobi, cplex, scip, cbc).")
-@click.option("--time-limit", "time_limit_s", type=float, help="MIP time limit in seconds.")
-@click.option("--gap", type=float, help="MIP relative gap at which to stop.")
+@click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit in seconds.")
+@click.option("--gap", type=OptionValue(SolverOptions, "gap"), help="MIP relative gap at which to stop.")
 @click.option("--merge", help="Coarsening before the MIP: auto, none or a target op count.")
 @click.option("--nic-capacity", is_flag=True,
               help="MIP: transfers across nodes cannot overlap on one NIC direction (default: solver.nic_capacity).")

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit_json, human_bytes, table
+from engine.cli.common import OptionValue, emit_json, human_bytes, table
+from engine.core.documents import read_text
 from engine.core.errors import InputError, write_atomic
 from engine.core.ir import Plan
+from engine.core.options import SimulatorOptions
 from engine.planners.registry import default_simulation_planner, plan_scenario
 from engine.scenario.loader import load_scenario
 from engine.scenario.simulation import simulate_scenario
@@ -37,13 +39,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _load_plan(path: Path) -> Plan:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, None, "file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, None, f"cannot read: {e}") from None
-    return Plan.from_json(text, source=str(path))
+    return Plan.from_json(read_text(path), source=str(path))
 
 
 @click.command("simulate")
@@ -55,7 +51,7 @@ def _load_plan(path: Path) -> Plan:
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the full result JSON here (deterministic: no wall time).")
 @click.option("--seed", type=int, help="Seed of the jitter (default: the scenario's seed).")
-@click.option("--jitter", type=float, help="Log-sd of the lognormal factor on op durations (e.g. 0.02).")
+@click.option("--jitter", type=OptionValue(SimulatorOptions, "jitter"), help="Log-sd of the lognormal factor on op durations (e.g. 0.02).")
 @click.option("--mode", type=click.Choice(["flow", "alpha_beta"]), help="Network model (default: the scenario's).")
 @click.option("--allow-oom", is_flag=True, default=None, help="Record out-of-memory events and simulate on.")
 @click.option("--no-symmetry", is_flag=True, help="Simulate every op (no symmetry reduction).")

@@ -7,10 +7,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import click
-import yaml
 
-from engine.cli.common import emit_json, human_bytes, table
-from engine.core.errors import InputError, write_atomic
+from engine.cli.common import OptionValue, emit_json, human_bytes, table
+from engine.core.documents import load_yaml
+from engine.core.errors import write_atomic
+from engine.core.options import SolverOptions
 from engine.study.whatif import (
     build_all,
     combinations,
@@ -29,7 +30,7 @@ from engine.study.whatif import (
 @click.option("--vary", "varies", multiple=True, required=True, metavar="KEY=V1,V2",
               help="A dotted scenario or profile key and its values, e.g. cluster.nodes=1,2,4 (repeatable).")
 @click.option("--no-solve", is_flag=True, help="Plan with the heuristic and simulate once; no loop.")
-@click.option("--time-limit", "time_limit_s", type=float, help="MIP time limit per solve, seconds.")
+@click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit per solve, seconds.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Combinations run in parallel.")
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path),
               help="Results file to resume from and add to [default: whatif-<scenario>.json].")
@@ -37,12 +38,7 @@ from engine.study.whatif import (
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path, as_json):
     """Run SCENARIO for every combination of --vary values; print them by simulated makespan."""
-    try:
-        raw = yaml.safe_load(scenario.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(scenario, None, "file not found") from None
-    except yaml.YAMLError as e:
-        raise InputError(scenario, None, f"invalid YAML: {e}") from None
+    raw = load_yaml(scenario)
     vary = parse_vary(varies)
     keys = [k for k, _ in vary]
     combos = combinations(vary)

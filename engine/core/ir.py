@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
+from engine.core.documents import parse_json
 from engine.core.errors import InputError
 
 OP_KINDS = ("compute", "comm")
@@ -357,10 +358,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, source: str | None = None) -> "Plan":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(source, f"line {e.lineno}", f"invalid JSON: {e.msg}") from None
+        d = parse_json(text, source)
         if not isinstance(d, dict):
             raise InputError(source, None, "a plan must be a JSON object")
         return cls.from_dict(d, source)

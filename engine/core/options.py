@@ -9,14 +9,31 @@ Times in seconds (solver) or as a fraction (tolerances, gaps).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 NUMBER = (int, float)
 
 
-def _opt(default: Any, types: tuple[type, ...], choices: tuple[Any, ...] | None = None) -> Any:
-    return field(default=default, metadata={"types": types, "choices": choices})
+def _opt(default: Any, types: tuple[type, ...], choices: tuple[Any, ...] | None = None,
+         low: float | None = 0, high: float | None = None, low_open: bool = False) -> Any:
+    """A field with its default, accepted YAML types, allowed values and numeric range
+    (``low`` <= value <= ``high``; ``low < value`` with ``low_open``)."""
+    return field(default=default, metadata={"types": types, "choices": choices, "range": (low, high, low_open)})
+
+
+def range_problem(number_range: tuple[float | None, float | None, bool], value: float) -> str | None:
+    """Why ``value`` is outside ``number_range`` (from a field's ``range`` metadata), or None.
+    The one rule for the scenario file and the command line (NaN and infinities are outside)."""
+    low, high, low_open = number_range
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if low is not None and (value < low or (low_open and value == low)):
+        return f"must be {'>' if low_open else '>='} {low:g}, got {value!r}"
+    if high is not None and value > high:
+        return f"must be <= {high:g}, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -27,9 +44,9 @@ class SolverOptions:
 
     planner: str = _opt("heuristic", (str,))
     name: str = _opt("highs", (str,))
-    time_limit_s: float = _opt(30.0, NUMBER)
-    gap: float = _opt(0.0, NUMBER)
-    threads: int = _opt(2, (int,))
+    time_limit_s: float = _opt(30.0, NUMBER, low=0, high=1e6, low_open=True)
+    gap: float = _opt(0.0, NUMBER, high=1.0)
+    threads: int = _opt(2, (int,), low=1, high=1024)
     merge: str | int = _opt("none", (str, int))
     warm_start: str | None = _opt(None, (str,))
     nic_capacity: bool = _opt(False, (bool,))
@@ -42,7 +59,7 @@ class SimulatorOptions:
     whether running out of memory is reported instead of raised."""
 
     mode: str = _opt("flow", (str,), ("flow", "alpha_beta"))
-    jitter: float = _opt(0.0, NUMBER)
+    jitter: float = _opt(0.0, NUMBER, high=1.0)
     symmetry: bool = _opt(True, (bool,))
     comm_compute_slowdown: float | None = _opt(None, NUMBER)
     allow_oom: bool = _opt(False, (bool,))
@@ -54,8 +71,8 @@ class LoopOptions:
     between predicted and simulated makespan, patience (iterations without improvement),
     the iteration cap, the damping of each update and its mode (``edge``, ``class``, ``both``)."""
 
-    tolerance: float = _opt(0.01, NUMBER)
-    patience: int = _opt(2, (int,))
-    max_iters: int = _opt(6, (int,))
-    damping: float = _opt(0.5, NUMBER)
+    tolerance: float = _opt(0.01, NUMBER, high=1.0)
+    patience: int = _opt(2, (int,), high=1000)
+    max_iters: int = _opt(6, (int,), low=1, high=1000)
+    damping: float = _opt(0.5, NUMBER, high=1.0, low_open=True)
     update: str = _opt("both", (str,), ("edge", "class", "both"))

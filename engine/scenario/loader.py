@@ -24,13 +24,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from engine.core.comm import CommModel
+from engine.core.documents import check_document, load_yaml
 from engine.core.errors import InputError, nearest
 from engine.core.ir import Workload
 from engine.core.memory import memory_caps
-from engine.core.options import LoopOptions, SimulatorOptions, SolverOptions
+from engine.core.options import LoopOptions, SimulatorOptions, SolverOptions, range_problem
 from engine.workloads.pipeline import build_pipeline, load_graph
 from engine.workloads.transformer import transformer_workload
 from hardware_profiles import Cluster, build_cluster, load_profile
@@ -54,6 +53,7 @@ CHOICES = {
     **{(section, f.name): f.metadata["choices"] for section, cls in TYPED_SECTIONS.items() for f in fields(cls)
        if f.metadata["choices"]},
 }
+RANGES = {(section, f.name): f.metadata["range"] for section, cls in TYPED_SECTIONS.items() for f in fields(cls)}
 PIPELINE_KEYS = ("kind", "stages", "microbatches", "directions", "times_us", "activation_bytes", "send_bytes")
 GRAPH_KEYS = ("kind", "path")
 
@@ -80,24 +80,13 @@ class Scenario:
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, None, "file not found") from None
-    except IsADirectoryError:
-        raise InputError(path, None, "is a directory, not a scenario file") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        raise InputError(path, where, f"invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    return scenario_from_dict(raw, path)
+    return scenario_from_dict(load_yaml(path), path)
 
 
 def scenario_from_dict(raw: Any, path: str | Path | None = None) -> Scenario:
     """Validate a parsed scenario; relative paths resolve against ``path``'s folder."""
     path = Path(path) if path is not None else None
+    check_document(raw, path)
     try:
         return _build(copy.deepcopy(raw), path)
     except InputError as e:
@@ -155,8 +144,10 @@ def _options(section: str, given: Any) -> dict[str, Any]:
         choices = CHOICES.get((section, key))
         if choices and value not in choices:
             raise InputError(None, f"{section}.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise InputError(None, f"{section}.{key}", f"must be >= 0, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = range_problem(RANGES.get((section, key), (0, None, False)), value)
+            if problem:
+                raise InputError(None, f"{section}.{key}", problem)
         out[key] = value
     return out
 

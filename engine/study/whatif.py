@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from engine.core.documents import load_json
 from engine.core.errors import InputError, write_atomic
 from engine.planners.registry import default_simulation_planner, plan_scenario
 from engine.scenario.loader import scenario_from_dict, set_dotted
@@ -126,7 +127,7 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json(path)
         return {combo_key(row["vary"]): row for row in data["rows"]}
     except (json.JSONDecodeError, KeyError, TypeError):
         raise InputError(path, "rows", "not a plansim what-if results file; remove it or name another with --results") from None

@@ -5,10 +5,10 @@ Both return an :class:`engine.core.ir.Workload`. Times in us, sizes in bytes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from engine.core.documents import load_json
 from engine.core.errors import InputError
 from engine.core.ir import Edge, Op, Workload
 
@@ -108,12 +108,7 @@ def load_graph(path: str | Path, name: str | None = None) -> Workload:
     is freed when all its consumers have ended (``release`` overrides; no consumers = its own end).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, None, "file not found") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"line {e.lineno}", f"invalid JSON: {e.msg}") from None
+    data = load_json(path)
     try:
         return graph_from_dict(data, name or path.stem)
     except InputError as e:

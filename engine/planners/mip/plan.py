@@ -104,6 +104,8 @@ def plan_mip(workload: Workload, cluster, comm, *, objective: str = "makespan", 
             sol.status = "optimal" if sol.gap <= 1e-6 else "time_limit"
             if span < before - 1e-9:
                 sol.source = "lns"
+    if sol.status == "feasible" and not (gap > 0 and sol.gap is not None and sol.gap <= gap):
+        sol.status = "time_limit"  # the limit (or the stall stop before the window MIPs) ended it, not the gap
     if warm is not None and sol.source != "warm_start" and objective == "makespan" and sp["warm_start"]:
         if makespan(inst, sol.sched) > makespan(inst, warm) + 1e-9:
             sol.sched, sol.source = warm, "warm_start"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.core.errors import InfeasibleError, InputError
+from engine.core.interrupt import DeadlineExceeded, deadline
 from engine.core.memory import peak_resident
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import DEFAULT_SPEEDUPS, Builder
@@ -109,10 +110,20 @@ def solve_instance(inst: Instance, warm: Schedule | None, *, objective: str = "m
                 horizon += weight * max(peak_at_starts(inst, known).values(), default=0)
         else:
             horizon = serial
-    builder, nic_blocks = build_model(model_inst, horizon, sp, objective,
-                                      makespan_bound if objective == "min_peak_memory" else None, weight, nic)
+    try:  # building the model counts against the time limit
+        with deadline(t_start + time_limit_s):
+            builder, nic_blocks = build_model(model_inst, horizon, sp, objective,
+                                              makespan_bound if objective == "min_peak_memory" else None, weight, nic)
+    except DeadlineExceeded:
+        if warm is None:
+            raise InputError(None, "solver.time_limit_s", f"building the MIP of {len(inst)} ops took longer than the "
+                             f"{time_limit_s:g} s time limit and no plan is known: raise the limit or coarsen "
+                             "(--merge auto)") from None
+        lb = model_inst.lower_bound()
+        return Solution(warm, "time_limit", lb, relative_gap(makespan(inst, warm), lb), 0, "warm_start",
+                        meta={"stopped_in": "model build"})
     res = run_solver(builder.m, builder.info, model_inst, warm_m if sp["warm_start"] else None, builder, solver=solver,
-                     time_limit_s=max(0.5, time_limit_s - (time.perf_counter() - t_start)), gap=gap,
+                     time_limit_s=max(0.05, time_limit_s - (time.perf_counter() - t_start)), gap=gap,
                      threads=threads, progress=progress,
                      solver_options=solver_options, stall_s=stall_s, nic=nic_blocks)
     info = builder.info

@@ -11,12 +11,14 @@ import math
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyomo.environ as pyo
 
 from engine.core.errors import InfeasibleError, InputError
+from engine.core.interrupt import DeadlineExceeded, cancel_on_interrupt, deadline
 from engine.planners.mip.instance import Instance
 from engine.planners.mip.model import Builder, ModelInfo
 from engine.planners.mip.nic import NicBlocks, extract_sigma
@@ -153,9 +155,14 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
     from pyomo.contrib.solver.common.results import SolutionStatus, TerminationCondition
 
     m, info = builder.m, builder.info
+    t_in = time.perf_counter()
     _use_threads(int(threads))
     opt = SolverFactory("highs")
-    opt.set_instance(m)
+    try:  # loading the model into HiGHS is part of the time limit (it can take longer than the solve)
+        with deadline(t_in + float(time_limit_s)):
+            opt.set_instance(m)
+    except DeadlineExceeded:
+        return RawResult(None, "time_limit", None, None, meta={"stopped_in": "model load"})
     highs = opt._solver_model  # the highspy.Highs the interface wraps
     colmap = opt._pyomo_var_to_solver_var_map
     meta: dict[str, Any] = {}
@@ -215,11 +222,14 @@ def _run_highs(builder: Builder, warm: Schedule | None, time_limit_s: float, gap
     quiet = logging.getLogger("pyomo.contrib.solver")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # an interrupt (our stop at the lower bound) is "unhandled" there
+    left_s = max(0.05, float(time_limit_s) - (time.perf_counter() - t_in))
     try:
-        res = opt.solve(m, time_limit=float(time_limit_s), rel_gap=float(gap), abs_gap=abs_gap, threads=int(threads),
-                        load_solutions=False, raise_exception_on_nonoptimal_result=False,
-                        solver_options={"random_seed": 0, "mip_feasibility_tolerance": 1e-7,
-                                        "mip_heuristic_effort": 0.3, **(options or {})})
+        # Ctrl-C / SIGTERM ask HiGHS to stop (its user-interrupt callback); Interrupted follows
+        with cancel_on_interrupt(highs.cancelSolve):
+            res = opt.solve(m, time_limit=left_s, rel_gap=float(gap), abs_gap=abs_gap, threads=int(threads),
+                            load_solutions=False, raise_exception_on_nonoptimal_result=False,
+                            solver_options={"random_seed": 0, "mip_feasibility_tolerance": 1e-7,
+                                            "mip_heuristic_effort": 0.3, **(options or {})})
     finally:
         quiet.setLevel(level)
         if console is not None:
