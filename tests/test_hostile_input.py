@@ -54,6 +54,9 @@ CASES = [
     ("nan time limit", lambda t: ["plan", str(QUICK), "--time-limit", "nan"], "--time-limit"),
     ("negative gap", lambda t: ["plan", str(QUICK), "--gap", "-1"], "--gap"),
     ("huge jitter", lambda t: ["simulate", str(QUICK), "--jitter", "100"], "--jitter"),
+    ("output under a file", lambda t: ["plan", str(QUICK), "-o", _write(t, "f", "x") + "/p.json"], "--output"),
+    ("one unwritable output of several writes none",
+     lambda t: ["loop", str(QUICK), "-o", str(t / "best.json"), "--trace", _write(t, "f", "x") + "/t.json"], "--trace"),
     ("nan jitter in the scenario", lambda t: ["simulate", _write(t, "j.yaml", QUICK.read_text()
                                                                  + "simulator: {jitter: .nan}\n")],
      "jitter"),

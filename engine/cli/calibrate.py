@@ -31,7 +31,7 @@ from engine.calibration.kineto import ops_csv, read_kineto
 from engine.calibration.nccl_tests import read_nccl_tests
 from engine.calibration.report import error_pct, fitted_profile, plot_fit
 from engine.calibration.vtrain import read_ar_lut, read_ground_truth
-from engine.cli.common import emit_json, human_bytes, table
+from engine.cli.common import OutputPath, emit_json, human_bytes, table
 from engine.core.errors import InputError, write_atomic
 from hardware_profiles import build_cluster, load_profile
 
@@ -111,7 +111,7 @@ _MAX_EVALS = click.option("--max-evals", type=click.IntRange(1), default=400, hi
 @calibrate.command("nccl-tests")
 @click.argument("logs", nargs=-1, required=True, type=_PATH)
 @click.option("--profile", "profile_name", required=True, help="Hardware profile (name or YAML) to start from.")
-@click.option("-o", "--out", type=_PATH, help="Write the fitted profile (YAML) here.")
+@click.option("-o", "--out", type=OutputPath(), help="Write the fitted profile (YAML) here.")
 @click.option("--holdout", is_flag=True, help="Fit on every other size of each curve; report the rest.")
 @click.option("--in-place", is_flag=True, help="Use the in-place timings (default: out-of-place).")
 @click.option("--plot", type=_PATH, help="Write a measured-vs-predicted PNG here.")
@@ -133,7 +133,7 @@ def nccl_tests_cmd(logs, profile_name, out, holdout, in_place, plot, as_json, ma
 @calibrate.command("allreduce-lut")
 @click.argument("luts", nargs=-1, required=True, type=_PATH)
 @click.option("--profile", "profile_name", required=True, help="Hardware profile (name or YAML) to start from.")
-@click.option("-o", "--out", type=_PATH, help="Write the fitted profile (YAML) here.")
+@click.option("-o", "--out", type=OutputPath(), help="Write the fitted profile (YAML) here.")
 @click.option("--check", "checks", multiple=True, type=_PATH, help="Predict this LUT with the fit (repeatable).")
 @click.option("--buffer-passes", type=click.FloatRange(0, 20), default=None,
               help="Prior for comm.buffer_passes when the tables have one group size "
@@ -175,7 +175,7 @@ def allreduce_lut_cmd(luts, profile_name, out, checks, buffer_passes, holdout, p
 @calibrate.command("compute")
 @click.option("--vtrain", "vtrain_csv", required=True, type=_PATH, help="vTrain ground_truth_single.csv.")
 @click.option("--profile", "profile_name", required=True, help="Hardware profile (name or YAML) to start from.")
-@click.option("-o", "--out", type=_PATH, help="Write the fitted profile (YAML) here.")
+@click.option("-o", "--out", type=OutputPath(), help="Write the fitted profile (YAML) here.")
 @click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
               help="Share of runs held out (random, seeded) to report the error on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the hold-out split and the sample.")
@@ -233,7 +233,7 @@ def compute_cmd(vtrain_csv, profile_name, out, holdout, seed, check_sim, plot, a
 
 @calibrate.command("kineto")
 @click.argument("trace", type=_PATH)
-@click.option("-o", "--out", type=_PATH, help="Write one CSV row per GPU activity here.")
+@click.option("-o", "--out", type=OutputPath(), help="Write one CSV row per GPU activity here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def kineto_cmd(trace, out, as_json):
     """Extract per-kernel durations (and NCCL message sizes) from a Kineto/Chrome TRACE."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import click
@@ -30,6 +33,31 @@ class OptionValue(click.ParamType):
         if problem:
             self.fail(problem, param, ctx)
         return number
+
+
+class OutputPath(click.Path):
+    """A file the command will write: refused at parse time, before any work, when it is a
+    directory or its folder cannot be written (the nearest existing folder, if it must be made)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        path = Path(super().convert(value, param, ctx))
+        if path.exists() and not os.access(path, os.W_OK):
+            self.fail(f"{path}: cannot write: permission denied", param, ctx)
+        folder = path.parent if str(path.parent) else Path(".")
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            self.fail(f"{path}: cannot write: {folder} is not a folder", param, ctx)
+        try:  # os.access says yes to root on a read-only file system: try it
+            fd, probe = tempfile.mkstemp(prefix=".plansim-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            self.fail(f"{path}: cannot write into {folder}: {e.strerror or e}", param, ctx)
+        return path
 
 
 def emit_json(obj: Any) -> None:

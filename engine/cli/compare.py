@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import OptionValue, emit_json, human_bytes, table
+from engine.cli.common import OptionValue, OutputPath, emit_json, human_bytes, table
 from engine.cli.inspect import read_plan
 from engine.core.errors import InputError, write_atomic
 from engine.core.options import SolverOptions
@@ -86,7 +86,7 @@ def plot_gantt(entries: dict, path: Path) -> None:
 @click.option("--threads", type=OptionValue(SolverOptions, "threads"), help="HiGHS threads (default: the scenario's).")
 @click.option("--no-mip", is_flag=True, help="Skip the MIP.")
 @click.option("--no-heuristic", is_flag=True, help="Skip the heuristic.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--plot", "plot_path", type=OutputPath(),
               help="Draw every plan as a Gantt chart (PNG; needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def compare_cmd(scenario, schedules, cap_from, time_limit_s, threads, no_mip, no_heuristic, plot_path, as_json):
@@ -127,7 +127,7 @@ def compare_cmd(scenario, schedules, cap_from, time_limit_s, threads, no_mip, no
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--scenario", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The plan's scenario.")
 @click.option("--format", "fmt", type=click.Choice(["torch-csv"]), default="torch-csv", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=OutputPath())
 def export_cmd(plan_path, scenario, fmt, output):
     """Write PLAN's per-rank order for a pipeline runtime (torch-csv: torch.distributed.pipelining's
     CSV schedule, one row per rank, e.g. 0F0,0I0,0W0)."""

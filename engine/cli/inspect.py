@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit_json
+from engine.cli.common import OutputPath, emit_json
 from engine.core.documents import read_text
 from engine.core.errors import InputError, write_atomic
 from engine.core.ir import Plan
@@ -64,7 +64,7 @@ def check_cmd(plan_path, scenario, as_json):
 
 @click.command("trace")
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=OutputPath(),
               help="Chrome-trace JSON to write (open it in Perfetto).")
 @click.option("--scenario", type=click.Path(dir_okay=False, path_type=Path),
               help="The plan's scenario, to label streams and phases.")
@@ -89,7 +89,7 @@ def trace_cmd(plan_path, output, scenario):
 @click.option("--edge-bytes", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--memory-bytes", type=click.IntRange(min=0), default=0, show_default=True, help="Allocated by every op.")
 @click.option("--experts", type=click.IntRange(min=1), default=4, show_default=True, help="Experts per MoE block.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=OutputPath())
 def gen_graph_cmd(kind, n_ops, seed, gpus, eligible, edge_bytes, memory_bytes, experts, output):
     """Generate a random branchy op graph (graph workload JSON)."""
     graph = generate(kind, n_ops, seed, gpus=gpus, eligible=eligible, edge_bytes=edge_bytes,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import OptionValue, emit_json, human_bytes, table
+from engine.cli.common import OptionValue, OutputPath, emit_json, human_bytes, table
 from engine.core.errors import write_atomic
 from engine.core.options import LoopOptions, SolverOptions
 from engine.scenario.loader import load_scenario
@@ -39,14 +39,14 @@ def print_report(result, scenario_name: str) -> None:
 
 @click.command("loop")
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the best plan JSON here.")
+@click.option("-o", "--output", type=OutputPath(), help="Write the best plan JSON here.")
 @click.option("--planner", help="heuristic, mip or schedule:<name> (default: the scenario's solver.planner).")
 @click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit per iteration, seconds.")
 @click.option("--max-iters", type=OptionValue(LoopOptions, "max_iters"), help="Override loop.max_iters.")
 @click.option("--tolerance", type=OptionValue(LoopOptions, "tolerance"), help="Override loop.tolerance (relative).")
 @click.option("--update", type=click.Choice(UPDATE_MODES), help="Override loop.update.")
-@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Chrome trace of the best plan's simulation.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="PNG: predicted vs simulated makespan per iteration.")
+@click.option("--trace", type=OutputPath(), help="Chrome trace of the best plan's simulation.")
+@click.option("--plot", type=OutputPath(), help="PNG: predicted vs simulated makespan per iteration.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def loop_cmd(scenario, output, planner, time_limit_s, max_iters, tolerance, update, trace, plot, as_json):
     """Refine SCENARIO's plan with the contention the simulator observes, until they agree."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import OptionValue, SolverProgress, emit_json, human_bytes, table
+from engine.cli.common import OptionValue, OutputPath, SolverProgress, emit_json, human_bytes, table
 from engine.core.errors import write_atomic
 from engine.core.ir import Plan, bubble_us, compute_busy_us
 from engine.core.options import SolverOptions
@@ -60,7 +60,7 @@ def print_summary(summary: dict) -> None:
 
 @click.command("plan")
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan JSON here.")
+@click.option("-o", "--output", type=OutputPath(), help="Write the plan JSON here.")
 @click.option("--planner", help="heuristic, mip or schedule:<name> (default: the scenario's solver.planner).")
 @click.option("--solver", "solver_name", help="MIP solver name (highs, gurobi, cplex, scip, cbc).")
 @click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit in seconds.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import OptionValue, emit_json, human_bytes, table
+from engine.cli.common import OptionValue, OutputPath, emit_json, human_bytes, table
 from engine.core.documents import read_text
 from engine.core.errors import InputError, write_atomic
 from engine.core.ir import Plan
@@ -46,9 +46,9 @@ def _load_plan(path: Path) -> Plan:
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan JSON to simulate (default: a transformer workload's parallelism.schedule, else the heuristic's plan).")
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--trace", "trace_path", type=OutputPath(),
               help="Write a Chrome-trace JSON (Perfetto) here.")
-@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--out", "out_path", type=OutputPath(),
               help="Write the full result JSON here (deterministic: no wall time).")
 @click.option("--seed", type=int, help="Seed of the jitter (default: the scenario's seed).")
 @click.option("--jitter", type=OptionValue(SimulatorOptions, "jitter"), help="Log-sd of the lognormal factor on op durations (e.g. 0.02).")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import click
 
-from engine.cli.common import OptionValue, emit_json, human_bytes, table
+from engine.cli.common import OptionValue, OutputPath, emit_json, human_bytes, table
 from engine.core.documents import load_yaml
 from engine.core.errors import write_atomic
 from engine.core.options import SolverOptions
@@ -32,9 +33,9 @@ from engine.study.whatif import (
 @click.option("--no-solve", is_flag=True, help="Plan with the heuristic and simulate once; no loop.")
 @click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit per solve, seconds.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Combinations run in parallel.")
-@click.option("--results", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--results", type=OutputPath(),
               help="Results file to resume from and add to [default: whatif-<scenario>.json].")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as CSV.")
+@click.option("--csv", "csv_path", type=OutputPath(), help="Also write the table as CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path, as_json):
     """Run SCENARIO for every combination of --vary values; print them by simulated makespan."""
@@ -64,14 +65,23 @@ def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path
                     finish(combo, run_one(r, str(scenario), no_solve, solver_options))
                     bar.update(1)
             else:
-                with ProcessPoolExecutor(max_workers=jobs) as pool:
-                    futures = {pool.submit(run_one, r, str(scenario), no_solve, solver_options): combo for combo, r in todo}
-                    for fut in as_completed(futures):
-                        finish(futures[fut], fut.result())
+                # workers ignore Ctrl-C; on an interrupt the pool is terminated at once (no worker
+                # finishes its combination first)
+                pool = multiprocessing.get_context().Pool(jobs, initializer=signal.signal,
+                                                          initargs=(signal.SIGINT, signal.SIG_IGN))
+                try:
+                    work = [(k, r, str(scenario), no_solve, solver_options) for k, (_, r) in enumerate(todo)]
+                    for k, figures in pool.imap_unordered(_run_numbered, work):
+                        finish(todo[k][0], figures)
                         bar.update(1)
+                    pool.close()
+                finally:
+                    pool.terminate()
+                    pool.join()
     except KeyboardInterrupt:
-        click.echo(f"plansim: interrupted: {len(rows)} of {len(combos)} combinations saved in {results}; "
-                   "run the same command again to resume", err=True)
+        saved = f"{len(rows)} of {len(combos)} combinations saved in {results}; run the same command again to resume" \
+            if rows else "nothing saved"
+        click.echo(f"plansim: interrupted: {saved}", err=True)
         raise SystemExit(130)
 
     ordered = sorted_rows(rows)
@@ -84,6 +94,12 @@ def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path
                      [[str(r["vary"][k]) for k in keys] + [r["simulated_us"], r["predicted_us"], f"{r['bubble_ratio']:.1%}",
                       human_bytes(r["peak_memory_bytes"]), r["iterations"], r["wall_s"]] for r in ordered]))
     click.echo(f"results in {results}" + (f", CSV in {csv_path}" if csv_path else ""))
+
+
+def _run_numbered(job):
+    """Pool worker: (k, run_one(...)) for job (k, raw scenario, path, no_solve, solver options)."""
+    k, *args = job
+    return k, run_one(*args)
 
 
 commands = [whatif_cmd]
