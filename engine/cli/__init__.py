@@ -46,6 +46,20 @@ class PlansimGroup(click.Group):
             return None
         return {c.name: c for c in importlib.import_module(f"engine.cli.{module}").commands}[name]
 
+    def main(self, *args, **kwargs):
+        """Click's usage errors as one line too (``plansim: error: ...``, exit 2), not click's
+        usage + hint + error block."""
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as err:
+            click.echo(f"plansim: error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("plansim: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)  # click returns ctx.exit's code
+
     def invoke(self, ctx):
         raise_on_sigterm()
         try:
