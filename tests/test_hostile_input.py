@@ -111,7 +111,7 @@ def test_ctrl_c_stops_a_mip_solve_within_2_s(tmp_path):
 
 
 def test_time_limit_bounds_the_whole_mip_call(tmp_path):
-    """Building and loading the model count: a 200-op graph with a 1 s limit plans in ~1 s
+    """Building and loading the model count: a 200-op graph with a 0.5 s limit stops in the build
     (it took 9-19 s when only HiGHS's own time was limited)."""
     from engine.planners.registry import plan_scenario
     from engine.scenario.loader import scenario_from_dict
@@ -122,9 +122,12 @@ def test_time_limit_bounds_the_whole_mip_call(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps(graph))
     sc = scenario_from_dict(raw, tmp_path / "s.yaml")
     t0 = time.perf_counter()
-    plan = plan_scenario(sc, "mip", time_limit_s=1.0)
+    plan = plan_scenario(sc, "mip", time_limit_s=0.5)
     wall = time.perf_counter() - t0
+    # the build and load alone take 9-19 s here: the limit stopped them and the warm start is the plan
     assert plan.status == "time_limit"
-    # slack for a loaded CI machine; without the build counted this took 9-19 s
-    assert plan.solve_s <= 2.5, plan.solve_s
-    assert wall <= 6.0, wall  # the plan's validation and compaction come after the limit
+    assert plan.meta["stopped_in"] in ("model build", "model load")
+    assert plan.meta["source"] == "warm_start"
+    # slack for a loaded CI machine (a deadline inside one C call of the load waits for it)
+    assert plan.solve_s <= 5.0, plan.solve_s
+    assert wall <= 8.0, wall
