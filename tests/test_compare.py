@@ -172,3 +172,60 @@ def test_compare_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
     res = run("compare", UNIT, "--no-mip", "--plot", tmp_path / "g.png")
     assert res.exit_code == 2 and "matplotlib" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "g.png").exists()
+
+
+# A small transformer (tp 1, pp 2, dp 1 on one H100 node; 4 layers, 8 micro-batches), simulated
+# without contention so each schedule's simulated figures are its op-level plan's own.
+TINY_GPT = {
+    "name": "tiny_gpt", "seed": 0,
+    "workload": {"kind": "transformer", "layers": 4, "hidden": 1024, "heads": 16, "seq_len": 1024, "vocab": 1024,
+                 "global_batch": 8, "micro_batch": 1, "precision": "bf16", "activation_recompute": "none",
+                 "parallelism": {"tp": 1, "pp": 2, "dp": 1, "vpp": 1, "schedule": "1f1b"}},
+    "cluster": {"profile": "h100-sxm", "nodes": 1},
+    "simulator": {"mode": "alpha_beta"},
+}
+
+
+def test_compare_runs_every_schedule_on_a_transformer():
+    from engine.planners.validate import peak_memory, validate_plan
+    from engine.scenario.loader import scenario_from_dict
+    from engine.study.compare import compare
+
+    sc = scenario_from_dict(TINY_GPT, "tiny.yaml")
+    out = compare(sc, mip=False)
+    names = {"gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev", "heuristic"}
+    assert set(out["schedules"]) == names
+    assert set(out["skipped"]) == {"dualpipe"} and "two model replicas" in out["skipped"]["dualpipe"]
+    entries = out["entries"]
+    for name in names - {"heuristic"}:
+        e = entries[name]
+        wl, plan = e["workload"], e["plan"]
+        assert validate_plan(plan, wl, sc.cluster, sc.comm, None) == [], name
+        # each schedule runs on the model built for it: interleaved and the V schedules on 4 virtual stages
+        assert wl.meta["parallelism"]["schedule"] == name
+        assert wl.meta["stages"] == (4 if name in ("interleaved", "zb-v", "dualpipev") else 2)
+        # no contention: the simulation reproduces the op-level plan
+        assert e["row"]["makespan_us"] == pytest.approx(plan.makespan_us, rel=1e-9)
+        assert e["row"]["peak_memory_bytes"] == max(peak_memory(plan, wl).values())
+    # V layout: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2
+    assert entries["zb-v"]["workload"].meta["stage_ranks"] == [0, 1, 1, 0]
+    assert entries["interleaved"]["workload"].meta["stage_ranks"] == [0, 1, 0, 1]
+    # GPipe keeps all m = 8 forwards of stage 0 live, 1F1B at most p = 2: 6 activations more on GPU 0
+    act = entries["1f1b"]["workload"].ops["F0.s0"].memory_bytes
+    gp = peak_memory(entries["gpipe"]["plan"], entries["gpipe"]["workload"])[0]
+    one = peak_memory(entries["1f1b"]["plan"], entries["1f1b"]["workload"])[0]
+    assert gp - one == 6 * act > 0
+    s = out["schedules"]
+    assert s["interleaved"]["bubble_us"] < s["1f1b"]["bubble_us"]
+    assert s["zb-h1"]["makespan_us"] < s["1f1b"]["makespan_us"]
+    # the MIP's default cap: the smallest peak (weights, gradients, optimizer states and activations)
+    assert out["mip_memory_cap_bytes"] == min(r["peak_memory_bytes"] for n, r in s.items() if n != "heuristic")
+
+
+def test_compare_table_on_a_transformer(tmp_path):
+    res = run("compare", write(tmp_path, TINY_GPT), "--no-mip", "--schedules", "1f1b,zb-v,dualpipe")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    rows = {line.split()[0] for line in lines[3:] if line and not line.startswith(("dualpipe:", "-"))}
+    assert {"1f1b", "zb-v", "heuristic"} <= rows
+    assert any(line.startswith("dualpipe: not applicable: schedule dualpipe runs two model replicas") for line in lines)

@@ -122,3 +122,35 @@ def test_bubble_helper_agrees_with_the_ir():
     sc = scenario("1f1b", 1)
     plan = plan_scenario(sc, "schedule:1f1b")
     assert 0 < bubble_us(plan, sc.workload) < plan.makespan_us
+
+
+def test_plan_builds_the_model_for_another_named_schedule(tmp_path):
+    """``plan --planner schedule:zb-v`` on a scenario built for 1f1b plans the model built for
+    zb-v (vpp 2 in a V: 2 x the compute ops), valid there."""
+    from engine.core.ir import Plan
+    from engine.planners.transformer_schedule import scenario_for_schedule
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(main, ["plan", str(path), "--planner", "schedule:zb-v", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = Plan.from_json(out.read_text())
+    base = scenario_from_dict(BASE, path)
+    sc = scenario_for_schedule(base, "zb-v")
+    assert sc.workload.meta["parallelism"] == {**base.workload.meta["parallelism"], "schedule": "zb-v", "vpp": 2}
+    assert set(plan.placements) == set(sc.workload.ops)
+    assert validate_plan(plan, sc.workload, sc.cluster, sc.comm, sc.memory_cap_bytes) == []
+    n_compute = lambda wl: sum(o.kind == "compute" and o.phase in "FBW" for o in wl.ops.values())
+    assert n_compute(sc.workload) == 2 * n_compute(base.workload)
+    assert scenario_for_schedule(base, "1f1b") is base
+
+
+def test_plan_refuses_dualpipe_in_one_line_naming_the_planner(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    res = CliRunner().invoke(main, ["plan", str(path), "--planner", "schedule:dualpipe", "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 2
+    [line] = res.output.strip().splitlines()
+    assert "solver.planner" in line and "dualpipe" in line and "dualpipev" in line
+    assert not (tmp_path / "p.json").exists()

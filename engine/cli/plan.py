@@ -11,6 +11,7 @@ from engine.core.errors import write_atomic
 from engine.core.ir import Plan, bubble_us, compute_busy_us
 from engine.core.options import SolverOptions
 from engine.planners.registry import plan_scenario
+from engine.planners.transformer_schedule import scenario_for_planner
 from engine.planners.validate import peak_memory
 from engine.scenario.loader import load_scenario
 
@@ -71,7 +72,8 @@ def print_summary(summary: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_cmd(scenario, output, planner, solver_name, time_limit_s, gap, merge, nic_capacity, as_json):
     """Plan SCENARIO and print makespan, bubble, busy time and peak memory per GPU."""
-    sc = load_scenario(scenario)
+    # schedule:NAME on a transformer plans the model built for NAME (stage placement, gradient edges)
+    sc = scenario_for_planner(load_scenario(scenario), planner)
     progress = None if as_json else SolverProgress()
     try:
         plan = plan_scenario(sc, planner, name=solver_name, time_limit_s=time_limit_s, gap=gap, merge=merge,

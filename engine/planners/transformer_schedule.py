@@ -26,10 +26,16 @@ Layouts (:data:`engine.planners.schedules.library.LAYOUTS`): one stage per rank 
 gpipe, 1f1b, zb-h1, zb-h2; round-robin ``vpp >= 2`` for interleaved; a V (``vpp: 2``, placed by
 :meth:`TransformerSpec.stage_rank`) for zb-v and dualpipev. DualPipe's two directions are two
 model replicas per GPU, which the transformer workload does not build: refused.
+
+A schedule other than the one ``parallelism.schedule`` names runs on the workload built for it
+(:func:`scenario_for_schedule`: the same model with that schedule and the ``vpp`` its layout
+needs), since the stage placement (V or loop) and the gradient edges (after B or after W) follow
+the schedule: ``plan --planner schedule:NAME``, ``compare`` and ``export`` all build it that way.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -237,18 +243,60 @@ def workload_for_schedule(spec: TransformerSpec, name: str, cluster) -> tuple[Tr
     return out, build_transformer(out, cluster, name=f"transformer:{name}")
 
 
+def is_transformer(scenario: Any) -> bool:
+    return (scenario.workload.meta or {}).get("kind") == "transformer"
+
+
+def built_schedule(workload: Workload) -> str:
+    """The schedule a transformer workload was built for (its ``parallelism.schedule``)."""
+    return str(workload.meta["parallelism"]["schedule"])
+
+
+def scenario_for_schedule(scenario: Any, name: str) -> Any:
+    """``scenario`` itself when its transformer workload was built for schedule ``name``, else a
+    copy whose workload is the same model built for ``name`` (:func:`spec_for_schedule`; same
+    workload name and memory cap) and whose ``raw`` workload section says so. Refusals (an unknown
+    name, layers that do not split over the new ``pp x vpp``) are one :class:`InputError` naming
+    the scenario file."""
+    check_name(name, scenario.path)
+    if name == built_schedule(scenario.workload):
+        return scenario
+    try:
+        spec = spec_for_schedule(spec_from_dict(scenario.raw["workload"]), name)
+        check_layout(spec, name)
+        wl = build_transformer(spec, scenario.cluster, name=scenario.workload.name)
+    except InputError as e:
+        # the name came from the planner, not from the workload's own field
+        field = "solver.planner" if e.field == "workload.parallelism.schedule" else e.field
+        reason = e.reason if e.reason.startswith(f"schedule {name}") else f"schedule {name}: {e.reason}"
+        raise InputError(scenario.path, field, reason) from None
+    wl.memory_cap_bytes = scenario.workload.memory_cap_bytes
+    raw = copy.deepcopy(scenario.raw)
+    raw["workload"].setdefault("parallelism", {}).update(schedule=name, vpp=spec.parallelism.vpp)
+    return replace(scenario, workload=wl, raw=raw)
+
+
+def scenario_for_planner(scenario: Any, planner: str | None) -> Any:
+    """The scenario ``planner`` runs on: :func:`scenario_for_schedule` for ``schedule:<name>`` on a
+    transformer workload, else ``scenario``."""
+    if planner and planner.startswith("schedule:") and is_transformer(scenario):
+        return scenario_for_schedule(scenario, planner.split(":", 1)[1])
+    return scenario
+
+
 def transformer_schedule_plan(scenario: Any, name: str) -> Plan:
     """The ``schedule:<name>`` planner on ``scenario``'s transformer workload (what ``plansim
-    simulate``, ``loop`` and ``whatif`` run by default). Refused in one line: an unknown name, a
-    name other than the ``parallelism.schedule`` the workload was built for (its gradient edges
-    and stage placement follow that schedule), a layout or micro-batch count the schedule does
-    not fit, and a plan over the memory cap (:class:`InfeasibleError`)."""
+    simulate``, ``loop`` and ``whatif`` run by default), which must have been built for ``name``:
+    a caller that plans another schedule builds its scenario first (:func:`scenario_for_planner`,
+    as ``plansim plan`` does), since a plan is only valid for the workload it was made on. Refused in one line: an unknown name, a layout or
+    micro-batch count the schedule does not fit, and a plan over the memory cap
+    (:class:`InfeasibleError`)."""
     check_name(name, scenario.path)
-    built_for = scenario.workload.meta["parallelism"]["schedule"]
+    built_for = built_schedule(scenario.workload)
     if name != built_for:
         raise InputError(scenario.path, "solver.planner",
-                         f"schedule:{name} on a transformer workload built for {built_for} "
-                         "(workload.parallelism.schedule): set that field instead")
+                         f"schedule:{name} on a transformer workload built for {built_for}: set "
+                         f"workload.parallelism.schedule: {name} (stage placement and gradient edges follow it)")
     try:
         plan = plan_transformer(spec_from_dict(scenario.raw["workload"]), scenario.workload, name,
                                 scenario.cluster, scenario.comm)

@@ -5,10 +5,19 @@ scenario, each simulated.
   (:func:`engine.planners.schedules.library.schedule_workload`) in the *step-level* view
   (:func:`engine.planners.schedules.fusion.runtime_plan`): each step is one op, as a runtime executes it,
   with the scenario's F&B overlap time. This is the view the published formulas describe.
+* On a ``transformer`` workload each known schedule runs on the model built for it
+  (:func:`engine.planners.transformer_schedule.scenario_for_schedule`: its ``vpp``, stage placement
+  and gradient edges) in the *op-level* view
+  (:func:`engine.planners.transformer_schedule.plan_transformer`, what ``plansim simulate`` runs:
+  every compute op, TP all-reduce and epilogue, and the step-end reductions and optimizer step).
+  A schedule that needs a layout the model cannot take (``dualpipe``'s two directions, layers
+  that do not split over ``pp x vpp``, a micro-batch count outside the schedule's rule) is
+  skipped with the reason.
 * The heuristic and the MIP plan the scenario's own workload (one op per pass). The MIP gets a
-  memory cap (default: the smallest peak activation memory among the known schedules, or the
-  scenario's cap) and, as warm start, the best op-level plan of a known schedule that runs on the
-  scenario's own layout and fits the cap.
+  memory cap (default: the smallest peak memory among the known schedules, or the scenario's
+  cap; on a transformer it includes weights, gradients and optimizer states) and, as warm start,
+  the best op-level plan of a known schedule that runs on the scenario's own layout and fits the
+  cap (on a transformer: the schedules whose workload is the one built, e.g. gpipe and 1f1b).
 * Every plan is simulated (:func:`simulator.simulate.simulate`, the scenario's simulator options,
   out-of-memory recorded rather than fatal) and reported by its *simulated* makespan, bubble
   (makespan - max compute-busy time) and peak memory per GPU (bytes); ``solve_s`` is the wall
@@ -27,8 +36,17 @@ from engine.planners.mip.plan import plan_mip
 from engine.planners.schedules.fusion import runtime_plan
 from engine.planners.schedules.library import SCHEDULE_NAMES, applicable, generate
 from engine.planners.schedules.timing import schedule_plan
+from engine.planners.transformer_schedule import (
+    built_schedule,
+    is_transformer,
+    plan_transformer,
+    scenario_for_schedule,
+    spec_for_schedule,
+)
 from engine.planners.validate import peak_memory
 from engine.scenario.simulation import simulate_scenario
+from engine.workloads.transformer import spec_from_dict
+from engine.workloads.transformer_costs import SPLIT_BACKWARD
 
 Progress = Callable[[str], None]
 
@@ -45,8 +63,10 @@ def simulate_row(plan: Plan, workload: Workload, scenario, solve_s: float) -> tu
 def known_schedules(scenario, names=SCHEDULE_NAMES, progress: Progress | None = None) -> dict[str, Any]:
     """Per name: {"row", "plan", "workload", "sim"} for each applicable schedule, or a reason (str)."""
     out: dict[str, Any] = {}
+    if is_transformer(scenario):
+        return transformer_schedules(scenario, names, progress)
     if (scenario.workload.meta or {}).get("kind") != "pipeline":
-        return {name: "the workload is not a pipeline" for name in names}
+        return {name: "the workload is not a pipeline or a transformer" for name in names}
     for name, found in applicable(scenario.workload, scenario.comm, names).items():
         if isinstance(found, str):
             out[name] = found
@@ -62,18 +82,62 @@ def known_schedules(scenario, names=SCHEDULE_NAMES, progress: Progress | None = 
     return out
 
 
-def warm_start_plan(scenario, cap: int | None) -> tuple[str | None, Plan | None]:
-    """The best op-level plan, among known schedules that run on the scenario's own layout, whose
-    peak memory fits ``cap`` (bytes per GPU): (name, plan), or (None, None)."""
+def transformer_schedules(scenario, names=SCHEDULE_NAMES, progress: Progress | None = None) -> dict[str, Any]:
+    """Per name, {"row", "plan", "workload", "sim"} of the op-level plan of that schedule on the
+    transformer model built for it (module docstring), or the reason it does not apply (str)."""
+    out: dict[str, Any] = {}
+    spec = spec_from_dict(scenario.raw["workload"])
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            sc = scenario_for_schedule(scenario, name)
+            plan = plan_transformer(spec_for_schedule(spec, name), sc.workload, name, sc.cluster, sc.comm)
+        except InputError as e:
+            out[name] = e.reason
+            continue
+        row, res = simulate_row(plan, sc.workload, sc, time.perf_counter() - t0)
+        out[name] = {"row": row, "plan": plan, "workload": sc.workload, "sim": res}
+        if progress:
+            progress(f"{name}: makespan {row['makespan_us']:,.0f} us, bubble {row['bubble_us']:,.0f} us")
+    return out
+
+
+def _own_layout_plans(scenario):
+    """(name, op-level plan) of every known schedule that runs on the scenario's own workload."""
     wl = scenario.workload
+    if is_transformer(scenario):
+        spec = spec_from_dict(scenario.raw["workload"])
+        built = spec_for_schedule(spec, built_schedule(wl))
+        for name in SCHEDULE_NAMES:
+            try:
+                own = spec_for_schedule(spec, name)
+            except InputError:
+                continue
+            same_graph = ((name in SPLIT_BACKWARD) == (built.parallelism.schedule in SPLIT_BACKWARD)
+                          and own.parallelism.vpp == built.parallelism.vpp
+                          and [own.stage_rank(v) for v in range(own.stages)] == wl.meta["stage_ranks"])
+            if same_graph:
+                try:
+                    yield name, plan_transformer(own, wl, name, scenario.cluster, scenario.comm)
+                except InputError:
+                    continue
+        return
     if (wl.meta or {}).get("kind") != "pipeline":
-        return None, None
-    best: tuple[float, str, Plan] | None = None
+        return
     for name in SCHEDULE_NAMES:
         try:
-            plan = schedule_plan(generate(name, wl, scenario.comm), wl, scenario.comm, scenario.cluster.gpu_model)
+            yield name, schedule_plan(generate(name, wl, scenario.comm), wl, scenario.comm, scenario.cluster.gpu_model)
         except InputError:
             continue
+
+
+def warm_start_plan(scenario, cap: int | None) -> tuple[str | None, Plan | None]:
+    """The best op-level plan, among known schedules that run on the scenario's own workload
+    (:func:`_own_layout_plans`), whose peak memory fits ``cap`` (bytes per GPU): (name, plan), or
+    (None, None)."""
+    wl = scenario.workload
+    best: tuple[float, str, Plan] | None = None
+    for name, plan in _own_layout_plans(scenario):
         if cap is not None and max(peak_memory(plan, wl).values(), default=0) > cap:
             continue
         span = plan.makespan_us
