@@ -1,5 +1,6 @@
 """``plansim compare`` (known pipeline schedules vs the heuristic vs the MIP, each simulated) and
-``plansim export`` (a plan's per-rank order as PyTorch pipelining CSV)."""
+``plansim export`` (a plan's per-rank order as PyTorch pipelining CSV, and the torchtitan settings
+to run it with)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from engine.cli.inspect import read_plan
 from engine.core.errors import InputError, write_atomic
 from engine.core.options import SolverOptions
 from engine.planners.schedules.library import SCHEDULE_NAMES
-from engine.planners.schedules.torch_csv import torch_csv
+from engine.planners.schedules.torch_csv import read_torch_csv, torch_csv
+from engine.planners.schedules.torchtitan import SCHEDULE_STYLES, csv_layout, torchtitan_settings
+from engine.planners.transformer_schedule import is_transformer, scenario_for_schedule
 from engine.scenario.loader import load_scenario
 from engine.study.compare import compare
 
@@ -127,19 +130,41 @@ def compare_cmd(scenario, schedules, cap_from, time_limit_s, threads, no_mip, no
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--scenario", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The plan's scenario.")
 @click.option("--format", "fmt", type=click.Choice(["torch-csv"]), default="torch-csv", show_default=True)
+@click.option("--torchtitan-schedule", "titan_name",
+              help=f"The torchtitan pipeline_parallel_schedule you will run the CSV with ({', '.join(SCHEDULE_STYLES)}); "
+                   "refused when it builds another stage layout than the CSV's. Default: the one that matches.")
+@click.option("--torch-only", is_flag=True,
+              help="For plain torch.distributed.pipelining: any stage layout, no torchtitan settings.")
 @click.option("-o", "--output", required=True, type=OutputPath())
-def export_cmd(plan_path, scenario, fmt, output):
+def export_cmd(plan_path, scenario, fmt, titan_name, torch_only, output):
     """Write PLAN's per-rank order for a pipeline runtime (torch-csv: torch.distributed.pipelining's
-    CSV schedule, one row per rank, e.g. 0F0,0I0,0W0)."""
+    CSV schedule, one row per rank, e.g. 0F0,0I0,0W0) and print the torchtitan settings to run it
+    with (refused when torchtitan cannot build its stage layout; --torch-only skips both). A transformer plan of another schedule than the scenario's parallelism.schedule (plansim
+    plan --planner schedule:NAME) is read against the model built for that schedule."""
     sc = load_scenario(scenario)
     plan = read_plan(plan_path)
+    transformer = is_transformer(sc)
+    if transformer and plan.meta.get("schedule"):
+        sc = scenario_for_schedule(sc, str(plan.meta["schedule"]))
     try:
         text = torch_csv(plan, sc.workload)
+        layout = None if torch_only else csv_layout(read_torch_csv(text), "workload.parallelism" if transformer
+                                                    else "placement.stage_devices")
     except InputError as e:
         plan_side = e.field is not None and e.field.startswith(("placements", "order"))
         raise InputError(plan_path if plan_side else scenario, e.field, e.reason) from None
+    if torch_only and titan_name:
+        raise InputError(None, "--torchtitan-schedule", "not used with --torch-only")
+    meta = sc.workload.meta
+    settings = None if layout is None else torchtitan_settings(
+        layout, str(output), titan_name, meta["micro_batch"] if transformer else None,
+        meta["layers"] if transformer else None)
     write_atomic(output, text)
     click.echo(f"{len(text.splitlines())} ranks written to {output}")
+    if settings is not None:
+        click.echo("torchtitan settings:")
+        for line in settings.lines():
+            click.echo(f"  {line}")
 
 
 commands = [compare_cmd, export_cmd]

@@ -277,8 +277,9 @@ def scenario_for_schedule(scenario: Any, name: str) -> Any:
 
 
 def scenario_for_planner(scenario: Any, planner: str | None) -> Any:
-    """The scenario ``planner`` runs on: :func:`scenario_for_schedule` for ``schedule:<name>`` on a
-    transformer workload, else ``scenario``."""
+    """The scenario ``planner`` (default: the scenario's ``solver.planner``) runs on:
+    :func:`scenario_for_schedule` for ``schedule:<name>`` on a transformer workload, else ``scenario``."""
+    planner = planner or scenario.solver.planner
     if planner and planner.startswith("schedule:") and is_transformer(scenario):
         return scenario_for_schedule(scenario, planner.split(":", 1)[1])
     return scenario
