@@ -1,5 +1,6 @@
 """``plansim compare`` and ``plansim export --format torch-csv`` end to end through the CLI."""
 
+import copy
 import csv
 import json
 import re
@@ -229,3 +230,20 @@ def test_compare_table_on_a_transformer(tmp_path):
     rows = {line.split()[0] for line in lines[3:] if line and not line.startswith(("dualpipe:", "-"))}
     assert {"1f1b", "zb-v", "heuristic"} <= rows
     assert any(line.startswith("dualpipe: not applicable: schedule dualpipe runs two model replicas") for line in lines)
+
+
+def test_compare_mip_on_a_transformer_starts_from_its_schedule_and_keeps_the_cap():
+    """The MIP plans the scenario's own transformer workload, warm-started from the best known
+    schedule built on that workload (gpipe or 1f1b here), never worse than it, under the cap."""
+    from engine.scenario.loader import scenario_from_dict
+    from engine.study.compare import compare
+
+    raw = copy.deepcopy(TINY_GPT)
+    raw["solver"] = {"time_limit_s": 5, "threads": 1}
+    sc = scenario_from_dict(raw, "tiny.yaml")
+    out = compare(sc, ("1f1b", "zb-v"), heuristic=False)
+    s = out["schedules"]
+    assert set(s) == {"1f1b", "zb-v", "mip"}
+    assert out["entries"]["mip"]["plan"].meta["compare_warm_start"] in ("gpipe", "1f1b")
+    assert s["mip"]["makespan_us"] <= s["1f1b"]["makespan_us"] * (1 + 1e-9)
+    assert s["mip"]["peak_memory_bytes"] <= out["mip_memory_cap_bytes"] == s["1f1b"]["peak_memory_bytes"]
