@@ -15,7 +15,7 @@ from engine.core.options import SolverOptions
 from engine.planners.schedules.library import SCHEDULE_NAMES
 from engine.planners.schedules.torch_csv import read_torch_csv, torch_csv
 from engine.planners.schedules.torchtitan import SCHEDULE_STYLES, csv_layout, torchtitan_settings
-from engine.planners.transformer_schedule import is_transformer, scenario_for_schedule
+from engine.planners.transformer_schedule import is_transformer, scenario_for_plan
 from engine.scenario.loader import load_scenario
 from engine.study.compare import compare
 
@@ -144,8 +144,7 @@ def export_cmd(plan_path, scenario, fmt, titan_name, torch_only, output):
     sc = load_scenario(scenario)
     plan = read_plan(plan_path)
     transformer = is_transformer(sc)
-    if transformer and plan.meta.get("schedule"):
-        sc = scenario_for_schedule(sc, str(plan.meta["schedule"]))
+    sc = scenario_for_plan(sc, plan)
     try:
         text = torch_csv(plan, sc.workload)
         layout = None if torch_only else csv_layout(read_torch_csv(text), "workload.parallelism" if transformer

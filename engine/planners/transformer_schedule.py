@@ -285,6 +285,17 @@ def scenario_for_planner(scenario: Any, planner: str | None) -> Any:
     return scenario
 
 
+def scenario_for_plan(scenario: Any, plan: Plan) -> Any:
+    """The scenario ``plan`` was made on: for a transformer plan of a named schedule
+    (``plan.meta["schedule"]``, as ``plan --planner schedule:NAME`` writes it) the model built for
+    that schedule (:func:`scenario_for_schedule`), else ``scenario``. What a command that reads a
+    plan file back against its scenario (``export``) calls first."""
+    name = plan.meta.get("schedule")
+    if name and is_transformer(scenario):
+        return scenario_for_schedule(scenario, str(name))
+    return scenario
+
+
 def transformer_schedule_plan(scenario: Any, name: str) -> Plan:
     """The ``schedule:<name>`` planner on ``scenario``'s transformer workload (what ``plansim
     simulate``, ``loop`` and ``whatif`` run by default), which must have been built for ``name``:
