@@ -263,7 +263,8 @@ def test_a_transformer_schedule_over_the_memory_cap_is_infeasible_in_one_line(tm
     assert "\n" not in line and "memory.cap_bytes" in line and "schedule 1f1b needs" in line
 
 
-def test_a_transformer_planned_with_another_schedule_than_it_was_built_for_is_refused():
-    for planner, field in (("schedule:zb-h1", "solver.planner"), ("schedule:nope", "solver.planner")):
-        res = run("plan", str(GPT1B), "--planner", planner)
-        assert res.exit_code == 2 and field in res.output and len(res.output.strip().splitlines()) == 1, res.output
+def test_a_transformer_planned_with_an_unknown_schedule_is_refused():
+    """(Another known schedule than the one the workload was built for plans the model built for
+    it: tests/test_transformer_schedules.py.)"""
+    res = run("plan", str(GPT1B), "--planner", "schedule:nope")
+    assert res.exit_code == 2 and "solver.planner" in res.output and len(res.output.strip().splitlines()) == 1, res.output
