@@ -81,16 +81,19 @@ class Evaluation:
     static_bytes: int = 0
     iteration_us: float = 0.0
     peak_by_rank: list[int] = field(default_factory=list)
+    static_by_rank: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "pruned": self.pruned, "detail": self.detail,
                 "peak_memory_bytes": self.peak_memory_bytes, "static_bytes": self.static_bytes,
-                "iteration_us": self.iteration_us, "peak_by_rank": list(self.peak_by_rank)}
+                "iteration_us": self.iteration_us, "peak_by_rank": list(self.peak_by_rank),
+                "static_by_rank": list(self.static_by_rank)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Evaluation":
         return cls(Config.from_dict(d["config"]), d["pruned"], d.get("detail", ""), int(d["peak_memory_bytes"]),
-                   int(d["static_bytes"]), float(d["iteration_us"]), [int(x) for x in d.get("peak_by_rank", [])])
+                   int(d["static_bytes"]), float(d["iteration_us"]), [int(x) for x in d.get("peak_by_rank", [])],
+                   [int(x) for x in d.get("static_by_rank", [])])
 
 
 def workload_section(base: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -238,7 +241,7 @@ def _step_end(spec: TransformerSpec, end: StepEnd, g: _Graph, ids: dict[str, int
     if end.emb_ranks is not None:
         a, b = end.emb_ranks
         k = g.op("EMB", end.emb, rank_gpu[a], "comm")
-        g.chains[(rank_gpu[b], "comm")].append(k)
+        g.chains.setdefault((rank_gpu[b], "comm"), []).append(k)
         for x in sorted(set(ready[a] + ready[b])):
             g.after(x, k)
         ready[a] = ready[b] = [k]
@@ -293,7 +296,8 @@ def evaluate(base: dict[str, Any], config: Config, cluster: Any, cap_bytes: int,
     except InputError as e:
         return Evaluation(config, PRUNE_REASONS["workload.parallelism.schedule"], e.reason)
     static, peaks = peak_memory(spec, schedule, times)
-    out = Evaluation(config, peak_memory_bytes=max(peaks), static_bytes=max(static), peak_by_rank=peaks)
+    out = Evaluation(config, peak_memory_bytes=max(peaks), static_bytes=max(static), peak_by_rank=peaks,
+                     static_by_rank=static)
     if out.peak_memory_bytes > cap_bytes:
         out.pruned, out.detail = MEMORY_REASON, f"{out.peak_memory_bytes} B > cap {cap_bytes} B"
         return out

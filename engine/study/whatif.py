@@ -21,12 +21,12 @@ from typing import Any, Iterable
 
 import yaml
 
-from engine.core.documents import load_json
-from engine.core.errors import InputError, write_atomic
+from engine.core.errors import InputError
 from engine.planners.registry import default_simulation_planner, plan_scenario
 from engine.scenario.loader import scenario_from_dict, set_dotted
 from engine.scenario.simulation import simulate_scenario
 from engine.study.loop import refine
+from engine.study.results import load_rows, row_key, save_rows
 
 RESULT_FIELDS = ("simulated_us", "predicted_us", "bubble_us", "bubble_ratio", "peak_memory_bytes", "iterations",
                  "converged", "wall_s")
@@ -73,7 +73,7 @@ def combinations(vary: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
 
 
 def combo_key(combo: dict[str, Any]) -> str:
-    return json.dumps(combo, sort_keys=True)
+    return row_key(combo)
 
 
 def build_all(raw: dict[str, Any], path: Path, combos: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,18 +124,11 @@ def run_one(raw: dict[str, Any], path: str, no_solve: bool, solver_options: dict
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
     """Rows of an earlier (possibly interrupted) sweep, keyed by :func:`combo_key`."""
-    if not path.exists():
-        return {}
-    try:
-        data = load_json(path)
-        return {combo_key(row["vary"]): row for row in data["rows"]}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(path, "rows", "not a plansim what-if results file; remove it or name another with --results") from None
+    return load_rows(path, "vary", "what-if", "--results")
 
 
 def save_results(path: Path, scenario: str, rows: list[dict[str, Any]], total: int) -> None:
-    write_atomic(path, json.dumps({"scenario": scenario, "done": len(rows), "total": total,
-                                   "rows": sorted(rows, key=lambda r: combo_key(r["vary"]))}, indent=1, sort_keys=True) + "\n")
+    save_rows(path, {"scenario": scenario, "total": total}, rows, "vary")
 
 
 def sorted_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
