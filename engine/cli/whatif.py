@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from engine.cli.common import OptionValue, OutputPath, emit_json, human_bytes, t
 from engine.core.documents import load_yaml
 from engine.core.errors import write_atomic
 from engine.core.options import SolverOptions
+from engine.study.backends import BACKENDS, run_tasks
 from engine.study.whatif import (
     build_all,
     combinations,
@@ -33,11 +32,14 @@ from engine.study.whatif import (
 @click.option("--no-solve", is_flag=True, help="Plan with the heuristic and simulate once; no loop.")
 @click.option("--time-limit", "time_limit_s", type=OptionValue(SolverOptions, "time_limit_s"), help="MIP time limit per solve, seconds.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Combinations run in parallel.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
+              help="Where combinations run: this machine, or Ray (pip install 'plansim[ray]').")
+@click.option("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto) [default: start a local one].")
 @click.option("--results", type=OutputPath(),
               help="Results file to resume from and add to [default: whatif-<scenario>.json].")
 @click.option("--csv", "csv_path", type=OutputPath(), help="Also write the table as CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path, as_json):
+def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, backend, address, results, csv_path, as_json):
     """Run SCENARIO for every combination of --vary values; print them by simulated makespan."""
     raw = load_yaml(scenario)
     vary = parse_vary(varies)
@@ -60,24 +62,10 @@ def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path
 
     try:
         with click.progressbar(length=len(todo), label="what-if", file=sys.stderr) as bar:
-            if jobs == 1:
-                for combo, r in todo:
-                    finish(combo, run_one(r, str(scenario), no_solve, solver_options))
-                    bar.update(1)
-            else:
-                # workers ignore Ctrl-C; on an interrupt the pool is terminated at once (no worker
-                # finishes its combination first)
-                pool = multiprocessing.get_context().Pool(jobs, initializer=signal.signal,
-                                                          initargs=(signal.SIGINT, signal.SIG_IGN))
-                try:
-                    work = [(k, r, str(scenario), no_solve, solver_options) for k, (_, r) in enumerate(todo)]
-                    for k, figures in pool.imap_unordered(_run_numbered, work):
-                        finish(todo[k][0], figures)
-                        bar.update(1)
-                    pool.close()
-                finally:
-                    pool.terminate()
-                    pool.join()
+            work = [(r, str(scenario), no_solve, solver_options) for _, r in todo]
+            for k, figures in run_tasks(run_one, work, backend=backend, jobs=jobs, address=address):
+                finish(todo[k][0], figures)
+                bar.update(1)
     except KeyboardInterrupt:
         saved = f"{len(rows)} of {len(combos)} combinations saved in {results}; run the same command again to resume" \
             if rows else "nothing saved"
@@ -94,12 +82,6 @@ def whatif_cmd(scenario, varies, no_solve, time_limit_s, jobs, results, csv_path
                      [[str(r["vary"][k]) for k in keys] + [r["simulated_us"], r["predicted_us"], f"{r['bubble_ratio']:.1%}",
                       human_bytes(r["peak_memory_bytes"]), r["iterations"], r["wall_s"]] for r in ordered]))
     click.echo(f"results in {results}" + (f", CSV in {csv_path}" if csv_path else ""))
-
-
-def _run_numbered(job):
-    """Pool worker: (k, run_one(...)) for job (k, raw scenario, path, no_solve, solver options)."""
-    k, *args = job
-    return k, run_one(*args)
 
 
 commands = [whatif_cmd]

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import os
 import signal
 import socket
+import sys
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from engine.core.errors import InputError
@@ -75,6 +78,21 @@ def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         raise InputError(None, "--address", f"no Ray cluster answers at {address} ({reason})") from None
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Ray's C++ core logs every retry of a connection on fd 2; the caller reports the outcome in one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def run_ray(fn: Callable[..., Any], args: Sequence[tuple], jobs: int, address: str | None) -> Iterator[tuple[int, Any]]:
     """``fn(*a)`` for each ``a`` of ``args`` as Ray tasks (one CPU each), yielded as they finish."""
     ray = _ray()
@@ -83,12 +101,14 @@ def run_ray(fn: Callable[..., Any], args: Sequence[tuple], jobs: int, address: s
         if address is not None:
             check_address(address)
             try:
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
+                with _quiet_stderr():
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise InputError(None, "--address", f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         else:
-            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     _node_ip_address="127.0.0.1")
+            with _quiet_stderr():
+                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                         _node_ip_address="127.0.0.1")
         started = True
     # Ctrl-C reaches the caller: ray.init installs its own SIGTERM handler, which is put back to a Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)
